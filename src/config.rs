@@ -1,0 +1,658 @@
+//! Configuration: `config.toml` (serde, unknown keys refused) plus environment overrides,
+//! validated once at start-up into one typed [`Config`] that the rest of the program trusts.
+//!
+//! Every error names the key it is about, so an operator can fix the file without reading code.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::Uri;
+use serde::Deserialize;
+
+/// The environment variables that override the file, in the order they are applied.
+pub const ENV_OVERRIDES: &[&str] = &[
+    "POS_UPSTREAM_URL",
+    "PROXY_LISTEN",
+    "PROXY_ADMIN_LISTEN",
+    "PROXY_DATA_DIR",
+    "CRM_API_URL",
+    "CRM_API_KEY",
+    "CRM_INTEGRATION_ENABLED",
+    "PROXY_LOG_LEVEL",
+];
+
+/// A configuration problem, with the key (or variable) it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// A secret string (API key). `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The secret itself; call sites are few and each one puts it on the wire, never in a log.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+// ----- the file as written -------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    proxy: RawProxy,
+    upstream: RawUpstream,
+    sales: RawSales,
+    crm: RawCrm,
+    storage: RawStorage,
+    log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawProxy {
+    listen: String,
+    admin_listen: String,
+    access_log: bool,
+    shutdown_grace_ms: u64,
+}
+
+impl Default for RawProxy {
+    fn default() -> Self {
+        RawProxy {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            access_log: true,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawUpstream {
+    url: String,
+    connect_timeout_ms: u64,
+    timeout_ms: u64,
+    pool_idle_timeout_ms: u64,
+    pool_max_idle_per_host: usize,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream {
+            url: "http://127.0.0.1:3000".into(),
+            connect_timeout_ms: 2_000,
+            timeout_ms: 120_000,
+            pool_idle_timeout_ms: 4_000,
+            pool_max_idle_per_host: 64,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSales {
+    intercept_paths: Vec<String>,
+    max_request_body_bytes: usize,
+    max_response_body_bytes: usize,
+    default_currency: String,
+}
+
+impl Default for RawSales {
+    fn default() -> Self {
+        RawSales {
+            intercept_paths: vec!["/api/sales".into()],
+            max_request_body_bytes: 1024 * 1024,
+            max_response_body_bytes: 8 * 1024 * 1024,
+            default_currency: "USD".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCrm {
+    enabled: bool,
+    api_url: String,
+    api_key: String,
+    connect_timeout_ms: u64,
+    timeout_ms: u64,
+    sync_budget_ms: u64,
+    customer_cache_ttl_ms: u64,
+}
+
+impl fmt::Debug for RawCrm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawCrm")
+            .field("enabled", &self.enabled)
+            .field("api_url", &self.api_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for RawCrm {
+    fn default() -> Self {
+        RawCrm {
+            enabled: true,
+            api_url: String::new(),
+            api_key: String::new(),
+            connect_timeout_ms: 1_000,
+            timeout_ms: 10_000,
+            sync_budget_ms: 1_500,
+            customer_cache_ttl_ms: 600_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStorage {
+    data_dir: String,
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        RawStorage {
+            data_dir: "./data".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    level: String,
+    format: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+// ----- the validated configuration -----------------------------------------------------------
+
+/// The validated configuration, built once at start-up and passed down.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// One log line per proxied request.
+    pub access_log: bool,
+    /// How long in-flight requests may take to finish after a shutdown signal.
+    pub shutdown_grace: Duration,
+    pub upstream: UpstreamConfig,
+    pub sales: SalesConfig,
+    pub crm: CrmConfig,
+    pub data_dir: PathBuf,
+    pub log: LogConfig,
+}
+
+/// Where the POS is and how long it may take.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    pub connect_timeout: Duration,
+    /// Time for the POS to answer with headers (a sale may call a slow inventory service).
+    pub timeout: Duration,
+    /// Idle pooled connections are dropped after this; below the POS's own 5 s keep-alive so the
+    /// proxy never reuses a socket the POS is about to close.
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
+/// What is intercepted and how much of it is read.
+#[derive(Debug, Clone)]
+pub struct SalesConfig {
+    pub intercept_paths: Vec<String>,
+    pub max_request_body: usize,
+    pub max_response_body: usize,
+    pub default_currency: String,
+}
+
+/// The CRM integration.
+#[derive(Debug, Clone)]
+pub struct CrmConfig {
+    /// `false`: the proxy is a pure passthrough, nothing is intercepted.
+    pub enabled: bool,
+    /// `None` when URL or key is missing: sales still pass, `crmStatus` says "not configured".
+    pub endpoint: Option<CrmEndpoint>,
+    pub connect_timeout: Duration,
+    /// Whole-request timeout of one CRM call.
+    pub timeout: Duration,
+    /// How long a sale's response waits for the CRM before answering without it.
+    pub sync_budget: Duration,
+    pub customer_cache_ttl: Duration,
+}
+
+/// A configured CRM: base URL (no trailing slash) and API key.
+#[derive(Debug, Clone)]
+pub struct CrmEndpoint {
+    pub base_url: String,
+    pub api_key: Secret,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A `tracing` filter directive such as `info` or `pos_crm_proxy=debug,info`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+/// Where environment values come from; a map in tests, the process environment in `main`.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Env for HashMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+/// No environment at all.
+pub struct NoEnv;
+
+impl Env for NoEnv {
+    fn var(&self, _: &str) -> Option<String> {
+        None
+    }
+}
+
+impl Config {
+    /// Reads `path` (if it exists, or always when `required`), applies the environment and
+    /// validates.
+    pub fn load(path: &Path, required: bool, env: &dyn Env) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => String::new(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        Self::from_toml(&text, path, env)
+    }
+
+    /// Parses TOML text (named `origin` in errors), applies the environment and validates.
+    pub fn from_toml(text: &str, origin: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
+        let mut raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        apply_env(&mut raw, env)?;
+        validate(raw)
+    }
+}
+
+fn apply_env(raw: &mut RawConfig, env: &dyn Env) -> Result<(), ConfigError> {
+    if let Some(v) = env.var("POS_UPSTREAM_URL") {
+        raw.upstream.url = v;
+    }
+    if let Some(v) = env.var("PROXY_LISTEN") {
+        raw.proxy.listen = v;
+    }
+    if let Some(v) = env.var("PROXY_ADMIN_LISTEN") {
+        raw.proxy.admin_listen = v;
+    }
+    if let Some(v) = env.var("PROXY_DATA_DIR") {
+        raw.storage.data_dir = v;
+    }
+    if let Some(v) = env.var("CRM_API_URL") {
+        raw.crm.api_url = v;
+    }
+    if let Some(v) = env.var("CRM_API_KEY") {
+        raw.crm.api_key = v;
+    }
+    if let Some(v) = env.var("CRM_INTEGRATION_ENABLED") {
+        raw.crm.enabled = parse_bool(&v).ok_or_else(|| {
+            invalid(
+                "CRM_INTEGRATION_ENABLED",
+                format!("expected true or false, got {v:?}"),
+            )
+        })?;
+    }
+    if let Some(v) = env.var("PROXY_LOG_LEVEL") {
+        raw.log.level = v;
+    }
+    Ok(())
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+fn addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+    v.trim()
+        .parse()
+        .map_err(|_| invalid(key, format!("expected IP:PORT such as 127.0.0.1:8080, got {v:?}")))
+}
+
+fn millis(key: &str, ms: u64) -> Result<Duration, ConfigError> {
+    if ms == 0 {
+        return Err(invalid(key, "must be greater than 0"));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let listen = addr("proxy.listen", &raw.proxy.listen)?;
+    let admin_listen = addr("proxy.admin_listen", &raw.proxy.admin_listen)?;
+    if listen == admin_listen && listen.port() != 0 {
+        return Err(invalid(
+            "proxy.admin_listen",
+            "must differ from proxy.listen",
+        ));
+    }
+
+    let upstream_uri: Uri = raw.upstream.url.trim().parse().map_err(|_| {
+        invalid(
+            "upstream.url",
+            format!("expected a URL such as http://127.0.0.1:3000, got {:?}", raw.upstream.url),
+        )
+    })?;
+    let scheme = upstream_uri.scheme().cloned();
+    let authority = upstream_uri.authority().cloned();
+    let (Some(scheme), Some(authority)) = (scheme, authority) else {
+        return Err(invalid(
+            "upstream.url",
+            format!("expected http://HOST:PORT, got {:?}", raw.upstream.url),
+        ));
+    };
+    if scheme != Scheme::HTTP {
+        return Err(invalid(
+            "upstream.url",
+            "only http:// upstreams are supported (the POS runs beside the proxy)",
+        ));
+    }
+    if !matches!(upstream_uri.path(), "" | "/") || upstream_uri.query().is_some() {
+        return Err(invalid(
+            "upstream.url",
+            "must not carry a path or query: requests keep their own path",
+        ));
+    }
+    let upstream = UpstreamConfig {
+        scheme,
+        authority,
+        connect_timeout: millis("upstream.connect_timeout_ms", raw.upstream.connect_timeout_ms)?,
+        timeout: millis("upstream.timeout_ms", raw.upstream.timeout_ms)?,
+        pool_idle_timeout: millis(
+            "upstream.pool_idle_timeout_ms",
+            raw.upstream.pool_idle_timeout_ms,
+        )?,
+        pool_max_idle_per_host: raw.upstream.pool_max_idle_per_host,
+    };
+
+    if raw.sales.intercept_paths.is_empty() {
+        return Err(invalid(
+            "sales.intercept_paths",
+            "needs at least one path (switch the integration off with crm.enabled = false)",
+        ));
+    }
+    for p in &raw.sales.intercept_paths {
+        if !p.starts_with('/') || p.contains(['?', '#', ' ']) {
+            return Err(invalid(
+                "sales.intercept_paths",
+                format!("{p:?} is not an absolute path such as /api/sales"),
+            ));
+        }
+    }
+    if raw.sales.max_request_body_bytes == 0 {
+        return Err(invalid("sales.max_request_body_bytes", "must be greater than 0"));
+    }
+    if raw.sales.max_response_body_bytes == 0 {
+        return Err(invalid("sales.max_response_body_bytes", "must be greater than 0"));
+    }
+    let currency = raw.sales.default_currency.trim().to_string();
+    if currency.len() != 3 || !currency.chars().all(|c| c.is_ascii_uppercase()) {
+        return Err(invalid(
+            "sales.default_currency",
+            format!("expected a 3-letter ISO code such as USD, got {currency:?}"),
+        ));
+    }
+    let sales = SalesConfig {
+        intercept_paths: raw.sales.intercept_paths,
+        max_request_body: raw.sales.max_request_body_bytes,
+        max_response_body: raw.sales.max_response_body_bytes,
+        default_currency: currency,
+    };
+
+    let api_url = raw.crm.api_url.trim().trim_end_matches('/').to_string();
+    let api_key = raw.crm.api_key.trim().to_string();
+    if !api_url.is_empty() {
+        let uri: Uri = api_url.parse().map_err(|_| {
+            invalid("crm.api_url", format!("expected a URL such as https://crm.example.com, got {api_url:?}"))
+        })?;
+        match uri.scheme_str() {
+            Some("http") | Some("https") if uri.authority().is_some() => {}
+            _ => {
+                return Err(invalid(
+                    "crm.api_url",
+                    format!("expected an http:// or https:// URL, got {api_url:?}"),
+                ))
+            }
+        }
+    }
+    if api_key.contains(|c: char| c.is_control()) {
+        return Err(invalid("crm.api_key", "contains control characters"));
+    }
+    let endpoint = (!api_url.is_empty() && !api_key.is_empty()).then(|| CrmEndpoint {
+        base_url: api_url,
+        api_key: Secret::new(api_key),
+    });
+    let crm_timeout = millis("crm.timeout_ms", raw.crm.timeout_ms)?;
+    let crm = CrmConfig {
+        enabled: raw.crm.enabled,
+        endpoint,
+        connect_timeout: millis("crm.connect_timeout_ms", raw.crm.connect_timeout_ms)?,
+        timeout: crm_timeout,
+        sync_budget: millis("crm.sync_budget_ms", raw.crm.sync_budget_ms)?,
+        customer_cache_ttl: Duration::from_millis(raw.crm.customer_cache_ttl_ms),
+    };
+
+    if raw.storage.data_dir.trim().is_empty() {
+        return Err(invalid("storage.data_dir", "must not be empty"));
+    }
+    let format = match raw.log.format.as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            return Err(invalid(
+                "log.format",
+                format!("expected \"text\" or \"json\", got {other:?}"),
+            ))
+        }
+    };
+    if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
+        return Err(invalid(
+            "log.level",
+            format!("{:?} is not a level or filter such as info or debug", raw.log.level),
+        ));
+    }
+
+    Ok(Config {
+        listen,
+        admin_listen,
+        access_log: raw.proxy.access_log,
+        shutdown_grace: millis("proxy.shutdown_grace_ms", raw.proxy.shutdown_grace_ms)?,
+        upstream,
+        sales,
+        crm,
+        data_dir: PathBuf::from(raw.storage.data_dir),
+        log: LogConfig {
+            level: raw.log.level,
+            format,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("test.toml"), &NoEnv)
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn empty_file_gives_defaults_without_crm() {
+        let c = parse("").unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.admin_listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(c.sales.intercept_paths, vec!["/api/sales".to_string()]);
+        assert_eq!(c.crm.sync_budget, Duration::from_millis(1500));
+        assert!(c.crm.enabled);
+        assert!(c.crm.endpoint.is_none());
+        assert_eq!(c.sales.default_currency, "USD");
+    }
+
+    #[test]
+    fn the_example_config_file_is_valid() {
+        let text = include_str!("../config.toml");
+        parse(text).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = parse("[crm]\napi_ur = \"http://x\"\n").unwrap_err().to_string();
+        assert!(err.contains("api_ur"), "{err}");
+        let err = parse("[nope]\n").unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (text, key) in [
+            ("[proxy]\nlisten = \"localhost\"\n", "proxy.listen"),
+            ("[upstream]\nurl = \"ftp://x\"\n", "upstream.url"),
+            ("[upstream]\nurl = \"http://x:3000/base\"\n", "upstream.url"),
+            ("[upstream]\ntimeout_ms = 0\n", "upstream.timeout_ms"),
+            ("[crm]\napi_url = \"not a url\"\n", "crm.api_url"),
+            ("[crm]\nsync_budget_ms = 0\n", "crm.sync_budget_ms"),
+            ("[sales]\nintercept_paths = []\n", "sales.intercept_paths"),
+            ("[sales]\nintercept_paths = [\"api/sales\"]\n", "sales.intercept_paths"),
+            ("[sales]\ndefault_currency = \"dollars\"\n", "sales.default_currency"),
+            ("[log]\nformat = \"xml\"\n", "log.format"),
+            ("[log]\nlevel = \"loud=[\"\n", "log.level"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?} gave {err}");
+        }
+        let err = parse("[upstream]\ntimeout_ms = \"fast\"\n").unwrap_err().to_string();
+        assert!(err.contains("timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let text = "[crm]\napi_url = \"http://file\"\napi_key = \"file-key\"\n";
+        let e = env(&[
+            ("CRM_API_URL", "http://env:1/"),
+            ("CRM_API_KEY", "env-key"),
+            ("POS_UPSTREAM_URL", "http://127.0.0.1:4000"),
+            ("PROXY_LISTEN", "0.0.0.0:8081"),
+            ("PROXY_ADMIN_LISTEN", "127.0.0.1:9091"),
+            ("PROXY_DATA_DIR", "/tmp/x"),
+            ("CRM_INTEGRATION_ENABLED", "false"),
+        ]);
+        let c = Config::from_toml(text, Path::new("t"), &e).unwrap();
+        let ep = c.crm.endpoint.unwrap();
+        assert_eq!(ep.base_url, "http://env:1");
+        assert_eq!(ep.api_key.expose(), "env-key");
+        assert_eq!(c.upstream.authority.as_str(), "127.0.0.1:4000");
+        assert_eq!(c.listen, "0.0.0.0:8081".parse().unwrap());
+        assert_eq!(c.admin_listen.port(), 9091);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        assert!(!c.crm.enabled);
+
+        let err = Config::from_toml("", Path::new("t"), &env(&[("CRM_INTEGRATION_ENABLED", "maybe")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("CRM_INTEGRATION_ENABLED"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_key() {
+        let e = env(&[("CRM_API_URL", "http://crm"), ("CRM_API_KEY", "sk-very-secret")]);
+        let c = Config::from_toml("", Path::new("t"), &e).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("sk-very-secret"), "{dbg}");
+        assert!(dbg.contains("redacted"));
+        let raw: RawConfig = toml::from_str("[crm]\napi_key = \"sk-very-secret\"\n").unwrap();
+        assert!(!format!("{raw:?}").contains("sk-very-secret"));
+    }
+
+    #[test]
+    fn missing_file_is_fine_unless_required() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent.toml");
+        assert!(Config::load(&path, false, &NoEnv).is_ok());
+        let err = Config::load(&path, true, &NoEnv).unwrap_err().to_string();
+        assert!(err.contains("absent.toml"), "{err}");
+    }
+}

@@ -1,0 +1,385 @@
+//! The CRM client: creates invoices and looks up customer names, and classifies every failure
+//! by who caused it and whether trying again makes sense.
+//!
+//! Redirects are never followed (a redirect would carry `x-api-key` to another host), the key
+//! header is marked sensitive, and response bodies are read only up to a cap.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use http::StatusCode;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+
+use crate::config::{CrmConfig, CrmEndpoint};
+use crate::json::{self, Object};
+
+/// CRM answers longer than this are cut: we only need ids or an error text.
+const MAX_CRM_BODY: usize = 64 * 1024;
+/// Error texts from the CRM are shortened to this many characters before they reach a client.
+const MAX_ERROR_TEXT: usize = 300;
+/// Customer names kept at most (the cache is cleared of expired entries when full).
+const MAX_CACHED_NAMES: usize = 10_000;
+
+/// Path segment encoding: everything but unreserved characters.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+
+/// An invoice the CRM confirmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatedInvoice {
+    pub invoice_id: Option<String>,
+    pub invoice_number: Option<String>,
+}
+
+/// What to do after a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Transient: try the same request again later.
+    Later,
+    /// The CRM refuses our credentials: stop sending anything until an operator fixes the key.
+    Hold,
+    /// The CRM will never accept this request as it is.
+    Never,
+}
+
+/// Why an invoice was not created. The `Display` text is what operators and tills see.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CrmError {
+    #[error("CRM service not configured")]
+    NotConfigured,
+    #[error("CRM unreachable: {0}")]
+    Unreachable(String),
+    #[error("CRM did not answer within {0} ms")]
+    Timeout(u128),
+    #[error("CRM API error: {status} - {text}")]
+    Status {
+        status: StatusCode,
+        text: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("CRM answered {0} with a body that is not JSON")]
+    NotJson(StatusCode),
+    #[error("CRM refused the invoice: {0}")]
+    Rejected(String),
+    #[error("CRM answered {status} redirecting to {location}; redirects are not followed")]
+    Redirect { status: StatusCode, location: String },
+    #[error("CRM request failed: {0}")]
+    Other(String),
+}
+
+impl CrmError {
+    /// `serviceAvailable` in `crmStatus`: false when the CRM is not configured, unreachable,
+    /// timed out, or its gateway says it is down.
+    pub fn service_available(&self) -> bool {
+        match self {
+            CrmError::NotConfigured | CrmError::Unreachable(_) | CrmError::Timeout(_) => false,
+            CrmError::Status { status, .. } => !matches!(status.as_u16(), 502..=504),
+            _ => true,
+        }
+    }
+
+    /// Whether and when delivering the same invoice again can succeed.
+    pub fn retry(&self) -> Retry {
+        match self {
+            CrmError::NotConfigured | CrmError::Unreachable(_) | CrmError::Timeout(_) => {
+                Retry::Later
+            }
+            CrmError::Other(_) => Retry::Later,
+            CrmError::Status { status, .. } => match status.as_u16() {
+                401 | 403 => Retry::Hold,
+                408 | 425 | 429 => Retry::Later,
+                500..=599 => Retry::Later,
+                _ => Retry::Never,
+            },
+            // A 2xx without a usable answer may still have created the invoice; the same
+            // Idempotency-Key makes a retry safe with a CRM that honours it.
+            CrmError::NotJson(_) => Retry::Later,
+            CrmError::Rejected(_) | CrmError::Redirect { .. } => Retry::Never,
+        }
+    }
+
+    /// The CRM's `Retry-After`, when it sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            CrmError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The CRM client, shared by every sale.
+#[derive(Debug)]
+pub struct CrmClient {
+    http: reqwest::Client,
+    endpoint: Option<CrmEndpoint>,
+    timeout: Duration,
+    name_ttl: Duration,
+    names: Mutex<HashMap<String, (String, Instant)>>,
+}
+
+/// Building the HTTP client failed (TLS roots could not be loaded).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the CRM HTTP client: {0}")]
+pub struct BuildError(String);
+
+impl CrmClient {
+    pub fn new(cfg: &CrmConfig) -> Result<Self, BuildError> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(cfg.connect_timeout)
+            .timeout(cfg.timeout)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .no_proxy()
+            .user_agent(concat!("pos-crm-proxy/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| BuildError(e.to_string()))?;
+        Ok(CrmClient {
+            http,
+            endpoint: cfg.endpoint.clone(),
+            timeout: cfg.timeout,
+            name_ttl: cfg.customer_cache_ttl,
+            names: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn is_configured(&self) -> bool {
+        self.endpoint.is_some()
+    }
+
+    fn key_header(endpoint: &CrmEndpoint) -> Result<HeaderValue, CrmError> {
+        let mut v = HeaderValue::from_str(endpoint.api_key.expose())
+            .map_err(|_| CrmError::Other("the API key is not a valid header value".into()))?;
+        v.set_sensitive(true);
+        Ok(v)
+    }
+
+    /// `POST /api/external/invoices` with the frozen payload and its idempotency key.
+    pub async fn create_invoice(
+        &self,
+        payload: Bytes,
+        idempotency_key: &str,
+    ) -> Result<CreatedInvoice, CrmError> {
+        let endpoint = self.endpoint.as_ref().ok_or(CrmError::NotConfigured)?;
+        let url = format!("{}/api/external/invoices", endpoint.base_url);
+        let request = self
+            .http
+            .post(url)
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header("x-api-key", Self::key_header(endpoint)?)
+            .header(
+                "idempotency-key",
+                HeaderValue::from_str(idempotency_key)
+                    .map_err(|_| CrmError::Other("idempotency key is not a header value".into()))?,
+            )
+            .body(payload);
+        let mut response = request.send().await.map_err(|e| self.classify(e))?;
+        let status = response.status();
+        if status.is_redirection() {
+            let location = response
+                .headers()
+                .get(LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("(no location)")
+                .to_string();
+            return Err(CrmError::Redirect { status, location });
+        }
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = read_capped(&mut response).await.map_err(|e| self.classify(e))?;
+        if !status.is_success() {
+            return Err(CrmError::Status {
+                status,
+                text: error_text(&body),
+                retry_after,
+            });
+        }
+        let Ok(answer) = Object::parse_bytes(&body) else {
+            return Err(CrmError::NotJson(status));
+        };
+        if answer.get("success").map(|v| v.get()) == Some("false") {
+            return Err(CrmError::Rejected(error_text(&body)));
+        }
+        let string = |k: &str| answer.get(k).and_then(json::as_str).map(|s| s.into_owned());
+        Ok(CreatedInvoice {
+            invoice_id: string("invoice_id").or_else(|| string("id")),
+            invoice_number: string("invoice_number"),
+        })
+    }
+
+    /// The customer's display name from `GET /api/external/customers/{id}`, cached; `None` when
+    /// the CRM does not know it or cannot be asked within `within`.
+    pub async fn customer_name(&self, id: &str, within: Duration) -> Option<String> {
+        if let Some(name) = self.cached_name(id) {
+            return Some(name);
+        }
+        let endpoint = self.endpoint.as_ref()?;
+        let url = format!(
+            "{}/api/external/customers/{}",
+            endpoint.base_url,
+            utf8_percent_encode(id, SEGMENT)
+        );
+        let request = self
+            .http
+            .get(url)
+            .header("x-api-key", Self::key_header(endpoint).ok()?)
+            .timeout(within.min(self.timeout));
+        let mut response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %self.classify(e), "customer lookup failed");
+                return None;
+            }
+        };
+        if !response.status().is_success() {
+            tracing::debug!(status = %response.status(), "customer lookup refused");
+            return None;
+        }
+        let body = read_capped(&mut response).await.ok()?;
+        let obj = Object::parse_bytes(&body).ok()?;
+        let name = obj
+            .get("name")
+            .and_then(json::as_str)
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())?;
+        self.remember_name(id, &name);
+        Some(name)
+    }
+
+    fn cached_name(&self, id: &str) -> Option<String> {
+        let names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        names
+            .get(id)
+            .filter(|(_, at)| at.elapsed() < self.name_ttl)
+            .map(|(n, _)| n.clone())
+    }
+
+    fn remember_name(&self, id: &str, name: &str) {
+        if self.name_ttl.is_zero() {
+            return;
+        }
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        if names.len() >= MAX_CACHED_NAMES {
+            let ttl = self.name_ttl;
+            names.retain(|_, (_, at)| at.elapsed() < ttl);
+            if names.len() >= MAX_CACHED_NAMES {
+                names.clear();
+            }
+        }
+        names.insert(id.to_string(), (name.to_string(), Instant::now()));
+    }
+
+    fn classify(&self, e: reqwest::Error) -> CrmError {
+        if e.is_timeout() {
+            return CrmError::Timeout(self.timeout.as_millis());
+        }
+        let root = root_cause(&e);
+        if e.is_connect() {
+            let host = e
+                .url()
+                .and_then(|u| u.host_str().map(|h| format!("{h}:{}", u.port_or_known_default().unwrap_or(0))))
+                .unwrap_or_default();
+            return CrmError::Unreachable(format!("cannot connect to {host}: {root}"));
+        }
+        CrmError::Other(root)
+    }
+}
+
+/// The innermost error message, which names the real problem ("connection refused").
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+async fn read_capped(response: &mut reqwest::Response) -> Result<Bytes, reqwest::Error> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = MAX_CRM_BODY.saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if buf.len() >= MAX_CRM_BODY {
+            break;
+        }
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// The CRM's own error text (`error` or `message` of a JSON body), else the body itself,
+/// one line, shortened.
+pub fn error_text(body: &[u8]) -> String {
+    let from_json = Object::parse_bytes(body).ok().and_then(|o| {
+        ["error", "message"]
+            .iter()
+            .find_map(|k| o.get(k).and_then(json::as_str).map(|s| s.into_owned()))
+    });
+    let text = from_json.unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    let one_line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let trimmed = one_line.trim();
+    if trimmed.is_empty() {
+        return "(empty body)".to_string();
+    }
+    let mut out: String = trimmed.chars().take(MAX_ERROR_TEXT).collect();
+    if trimmed.chars().count() > MAX_ERROR_TEXT {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_follows_the_contract() {
+        let s = |code: u16| CrmError::Status {
+            status: StatusCode::from_u16(code).unwrap(),
+            text: "x".into(),
+            retry_after: None,
+        };
+        assert!(!CrmError::NotConfigured.service_available());
+        assert!(!CrmError::Unreachable("x".into()).service_available());
+        assert!(!CrmError::Timeout(1).service_available());
+        for code in [502, 503, 504] {
+            assert!(!s(code).service_available(), "{code}");
+            assert_eq!(s(code).retry(), Retry::Later);
+        }
+        for code in [400, 401, 404, 500] {
+            assert!(s(code).service_available(), "{code}");
+        }
+        assert_eq!(s(401).retry(), Retry::Hold);
+        assert_eq!(s(403).retry(), Retry::Hold);
+        assert_eq!(s(400).retry(), Retry::Never);
+        assert_eq!(s(422).retry(), Retry::Never);
+        for code in [408, 425, 429, 500] {
+            assert_eq!(s(code).retry(), Retry::Later, "{code}");
+        }
+    }
+
+    #[test]
+    fn error_text_prefers_the_crm_message_and_stays_short() {
+        assert_eq!(error_text(br#"{"success":false,"error":"Database error"}"#), "Database error");
+        assert_eq!(error_text(b"<html>\nbad\n</html>"), "<html> bad </html>");
+        assert_eq!(error_text(b""), "(empty body)");
+        let long = "x".repeat(1000);
+        assert_eq!(error_text(long.as_bytes()).chars().count(), MAX_ERROR_TEXT + 1);
+        assert_eq!(
+            CrmError::Status {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                text: "Database error".into(),
+                retry_after: None
+            }
+            .to_string(),
+            "CRM API error: 500 Internal Server Error - Database error"
+        );
+    }
+}

@@ -1,0 +1,169 @@
+//! The `pos-crm-proxy` binary: command line, logging, signals and exit codes. No logic here.
+//!
+//! Exit codes: 0 after a clean shutdown, 2 for a configuration error, 1 for anything else.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use pos_crm_proxy::config::{Config, LogFormat, ProcessEnv};
+use pos_crm_proxy::demo::Demo;
+use pos_crm_proxy::App;
+
+/// Sidecar reverse proxy in front of a legacy POS: every completed sale with a customer becomes
+/// exactly one paid invoice in the CRM; every other request passes through untouched.
+///
+/// Environment variables override the config file: POS_UPSTREAM_URL, PROXY_LISTEN,
+/// PROXY_ADMIN_LISTEN, PROXY_DATA_DIR, CRM_API_URL, CRM_API_KEY, CRM_INTEGRATION_ENABLED,
+/// PROXY_LOG_LEVEL (RUST_LOG, when set, wins over every log level setting).
+#[derive(Debug, Parser)]
+#[command(name = "pos-crm-proxy", version, about, long_about)]
+struct Cli {
+    /// Config file. When the default is missing, built-in defaults and the environment are used.
+    #[arg(long, short = 'c', value_name = "PATH", env = "PROXY_CONFIG")]
+    config: Option<PathBuf>,
+
+    /// Log output format (overrides `log.format`).
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    log_format: Option<CliLogFormat>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CliLogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Start a sample POS and a sample CRM on loopback with the proxy in front, and print
+    /// commands to try.
+    Demo {
+        /// Where the demo proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Where the demo admin listener listens.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: SocketAddr,
+    },
+    /// Validate the configuration (file and environment), print it with secrets redacted, exit.
+    CheckConfig,
+}
+
+const DEFAULT_CONFIG: &str = "config.toml";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (path, required) = match &cli.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG), false),
+    };
+    let needs_config = !matches!(cli.command, Some(Command::Demo { .. }));
+    let config = if needs_config {
+        match Config::load(&path, required, &ProcessEnv) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("pos-crm-proxy: configuration error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
+
+    let (level, mut format) = match &config {
+        Some(c) => (c.log.level.clone(), c.log.format),
+        None => ("info".to_string(), LogFormat::Text),
+    };
+    if let Some(f) = cli.log_format {
+        format = match f {
+            CliLogFormat::Text => LogFormat::Text,
+            CliLogFormat::Json => LogFormat::Json,
+        };
+    }
+    init_logging(&level, format);
+
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => {
+            println!("{:#?}", config.expect("loaded above"));
+            println!("configuration OK");
+            Ok(())
+        }
+        Command::Run => runtime().and_then(|rt| rt.block_on(run(config.expect("loaded above")))),
+        Command::Demo {
+            listen,
+            admin_listen,
+        } => runtime().and_then(|rt| rt.block_on(demo(listen, admin_listen))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("pos-crm-proxy: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(level: &str, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("pos-crm-proxy")
+        .build()
+        .context("cannot start the async runtime")
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let app = App::start(config).await?;
+    shutdown_signal().await?;
+    tracing::info!("shutting down");
+    app.shutdown().await;
+    Ok(())
+}
+
+async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result<()> {
+    let demo = Demo::start(listen, admin_listen).await?;
+    println!("{}", demo.instructions());
+    shutdown_signal().await?;
+    demo.shutdown().await;
+    Ok(())
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("cannot listen for Ctrl-C")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await.context("cannot listen for Ctrl-C")?;
+    Ok(())
+}

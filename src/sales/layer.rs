@@ -1,0 +1,61 @@
+//! The tower `Layer` that puts sales interception in front of the upstream.
+
+use std::sync::Arc;
+
+use http::{Method, Request};
+use tower::Layer;
+
+use super::service::SalesService;
+use crate::config::Config;
+use crate::invoice::Invoicer;
+
+/// What the sales route needs, shared by every request.
+#[derive(Debug)]
+pub struct SalesContext {
+    /// `false`: pure passthrough, no `crmStatus`.
+    pub enabled: bool,
+    pub paths: Vec<String>,
+    pub max_request_body: usize,
+    pub max_response_body: usize,
+    pub invoicer: Invoicer,
+}
+
+impl SalesContext {
+    pub fn new(config: &Config, invoicer: Invoicer) -> Self {
+        SalesContext {
+            enabled: config.crm.enabled,
+            paths: config.sales.intercept_paths.clone(),
+            max_request_body: config.sales.max_request_body,
+            max_response_body: config.sales.max_response_body,
+            invoicer,
+        }
+    }
+
+    /// Exactly `POST` on one of the configured paths (query strings do not matter; a trailing
+    /// slash is a different path, which the POS answers with a redirect).
+    pub fn intercepts<B>(&self, req: &Request<B>) -> bool {
+        self.enabled
+            && req.method() == Method::POST
+            && self.paths.iter().any(|p| p == req.uri().path())
+    }
+}
+
+/// Wraps a service (the upstream) with sales interception.
+#[derive(Debug, Clone)]
+pub struct SalesLayer {
+    ctx: Arc<SalesContext>,
+}
+
+impl SalesLayer {
+    pub fn new(ctx: SalesContext) -> Self {
+        SalesLayer { ctx: Arc::new(ctx) }
+    }
+}
+
+impl<S> Layer<S> for SalesLayer {
+    type Service = SalesService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        SalesService::new(inner, self.ctx.clone())
+    }
+}

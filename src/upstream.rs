@@ -1,0 +1,283 @@
+//! Forwarding to the POS: a pooled hyper client, hop-by-hop header handling, `X-Forwarded-*`,
+//! protocol upgrades (WebSocket), and 502/504 when the POS fails.
+//!
+//! Bodies stream through untouched in both directions; nothing here buffers.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use crate::body::Body;
+use crate::config::UpstreamConfig;
+use crate::error::ProxyError;
+use crate::server::ConnInfo;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The POS behind the proxy. Cheap to clone.
+#[derive(Clone)]
+pub struct Upstream {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client<HttpConnector, Body>,
+    scheme: Scheme,
+    authority: Authority,
+    timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(cfg.connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            // Below the POS's own keep-alive (5 s) so a socket it is about to close is not reused.
+            .pool_idle_timeout(cfg.pool_idle_timeout)
+            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+            // Legacy clients can depend on the exact header spelling; keep it both ways.
+            .http1_preserve_header_case(true)
+            // Only requests that never reached the socket are retried, so a POST is never sent twice.
+            .retry_canceled_requests(true)
+            .build(connector);
+        Upstream {
+            inner: Arc::new(Inner {
+                client,
+                scheme: cfg.scheme.clone(),
+                authority: cfg.authority.clone(),
+                timeout: cfg.timeout,
+            }),
+        }
+    }
+
+    /// Sends `req` to the POS and returns its answer, or the proxy's error answer.
+    pub async fn forward(&self, req: Request<Body>) -> Response<Body> {
+        match self.try_forward(req).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream request failed");
+                e.into_response()
+            }
+        }
+    }
+
+    async fn try_forward(&self, mut req: Request<Body>) -> Result<Response<Body>, ProxyError> {
+        if req.method() == Method::CONNECT {
+            return Err(ProxyError::MethodNotAllowed("CONNECT".into()));
+        }
+        let upgrade = wants_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        self.prepare_request(&mut req, upgrade)?;
+
+        let sent = self.inner.client.request(req);
+        let mut resp = match tokio::time::timeout(self.inner.timeout, sent).await {
+            Err(_) => return Err(ProxyError::UpstreamTimeout(self.inner.timeout.as_millis())),
+            Ok(Err(e)) => return Err(ProxyError::UpstreamUnavailable(describe(&e))),
+            Ok(Ok(resp)) => resp,
+        };
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+            }
+        } else {
+            strip_hop_by_hop(resp.headers_mut(), false);
+        }
+        Ok(resp.map(Body::from))
+    }
+
+    /// Rewrites the request for the upstream hop: origin URI of the POS, HTTP/1.1, hop-by-hop
+    /// headers removed (upgrade headers kept for an upgrade), `Host` kept, `X-Forwarded-*` set.
+    fn prepare_request(&self, req: &mut Request<Body>, upgrade: bool) -> Result<(), ProxyError> {
+        let client_authority = req.uri().authority().cloned();
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::builder()
+            .scheme(self.inner.scheme.clone())
+            .authority(self.inner.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| ProxyError::BadRequest(format!("invalid request target: {e}")))?;
+
+        let tls = req
+            .extensions()
+            .get::<ConnInfo>()
+            .is_some_and(|c| c.tls);
+        let peer = req.extensions().get::<ConnInfo>().map(|c| c.peer.ip());
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers, upgrade);
+        // The proxy answered `Expect: 100-continue` itself (hyper does, when the body is read).
+        headers.remove(header::EXPECT);
+
+        if !headers.contains_key(header::HOST) {
+            // HTTP/2 and HTTP/1.0 clients may send no Host: name what they asked for.
+            let host = client_authority.unwrap_or_else(|| self.inner.authority.clone());
+            if let Ok(v) = HeaderValue::from_str(host.as_str()) {
+                headers.insert(header::HOST, v);
+            }
+        }
+        let host = headers.get(header::HOST).cloned();
+        if let Some(ip) = peer {
+            let mut xff = String::new();
+            for v in headers.get_all(&X_FORWARDED_FOR) {
+                if let Ok(s) = v.to_str() {
+                    if !s.trim().is_empty() {
+                        xff.push_str(s.trim());
+                        xff.push_str(", ");
+                    }
+                }
+            }
+            xff.push_str(&ip.to_string());
+            if let Ok(v) = HeaderValue::from_str(&xff) {
+                headers.insert(X_FORWARDED_FOR.clone(), v);
+            }
+        }
+        headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(if tls { "https" } else { "http" }),
+        );
+        if let Some(host) = host {
+            headers.insert(X_FORWARDED_HOST.clone(), host);
+        }
+        *req.version_mut() = Version::HTTP_11;
+        Ok(())
+    }
+}
+
+impl tower::Service<Request<Body>> for Upstream {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.forward(req).await) })
+    }
+}
+
+/// `Connection: upgrade` plus an `Upgrade` header (HTTP/1.1 only).
+fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes the headers that belong to one connection (RFC 9110 §7.6.1), including any named in
+/// `Connection`. For an upgrade, `Connection: upgrade` and `Upgrade` are kept (and only those).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in named {
+        if keep_upgrade && name == header::UPGRADE {
+            continue;
+        }
+        headers.remove(name);
+    }
+    headers.remove(header::CONNECTION);
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::TE);
+    headers.remove(header::TRAILER);
+    headers.remove(header::TRANSFER_ENCODING);
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Copies bytes both ways between an upgraded client and upstream connection.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "upgraded connection ended with an error");
+    }
+}
+
+/// A short description of a client error: its innermost cause.
+fn describe(e: &hyper_util::client::legacy::Error) -> String {
+    let mut cur: &dyn std::error::Error = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    if e.is_connect() {
+        format!("cannot connect: {cur}")
+    } else {
+        cur.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_including_those_named_in_connection() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, X-Secret-Hop".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn upgrade_keeps_its_two_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "Upgrade".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+    }
+}

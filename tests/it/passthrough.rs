@@ -1,0 +1,326 @@
+//! Everything that is not a sale passes through untouched, streaming, with honest errors.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use pos_crm_proxy::demo::sample_pos::{SamplePos, SamplePosOptions};
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::support::raw::{read_until, roundtrip, RawUpstream, READ_LIMIT};
+use crate::support::upstream::{pattern, EchoUpstream};
+use crate::support::{client, Opts, TestProxy, SALE_NO_CUSTOMER};
+
+/// Status, a few headers and the body of one request, for comparing direct and proxied answers.
+async fn snapshot(req: reqwest::RequestBuilder) -> (u16, Option<String>, Option<String>, Option<String>, Bytes) {
+    let resp = req.send().await.unwrap();
+    let h = |n: &str| resp.headers().get(n).map(|v| v.to_str().unwrap().to_string());
+    let (status, ct, allow, location) = (resp.status().as_u16(), h("content-type"), h("allow"), h("location"));
+    (status, ct, allow, location, resp.bytes().await.unwrap())
+}
+
+#[tokio::test]
+async fn pos_routes_answer_through_the_proxy_exactly_as_directly() {
+    let pos = SamplePos::start(SamplePosOptions::default()).await.unwrap();
+    let proxy = TestProxy::start(pos.addr(), Opts::default()).await;
+    let c = client();
+    let direct = pos.url();
+    let via = proxy.url("");
+    for (method, path, body) in [
+        ("GET", "/api/sales?limit=5&offset=0", None),
+        ("HEAD", "/api/sales", None),
+        ("OPTIONS", "/api/sales", None),
+        ("PUT", "/api/sales", Some("{}")),
+        ("POST", "/api/sales/", Some(SALE_NO_CUSTOMER)),
+        ("GET", "/", None),
+    ] {
+        let m: reqwest::Method = method.parse().unwrap();
+        let mk = |base: &str| {
+            let r = c.request(m.clone(), format!("{base}{path}"));
+            match body {
+                Some(b) => r.body(b.to_string()),
+                None => r,
+            }
+        };
+        let a = snapshot(mk(&direct)).await;
+        let b = snapshot(mk(&via)).await;
+        assert_eq!(a, b, "{method} {path}");
+    }
+    // spot checks against the captures
+    let (status, _, allow, _, body) = snapshot(c.request(reqwest::Method::OPTIONS, proxy.url("/api/sales"))).await;
+    assert_eq!((status, allow.as_deref(), body.len()), (204, Some("GET, HEAD, OPTIONS, POST"), 0));
+    let (status, _, _, location, body) = snapshot(c.post(proxy.url("/api/sales/")).body("{}")).await;
+    assert_eq!((status, location.as_deref(), &body[..]), (308, Some("/api/sales"), &b"/api/sales"[..]));
+    let (status, ct, _, _, body) = snapshot(c.head(proxy.url("/api/sales"))).await;
+    assert_eq!((status, ct.as_deref(), body.len()), (200, Some("application/json"), 0));
+    // the trailing-slash POST is not a sale: the POS never saw a sale, nothing was added
+    assert!(pos.completed_sales().is_empty());
+}
+
+#[tokio::test]
+async fn request_line_headers_and_body_are_forwarded_with_forwarding_headers() {
+    let up = EchoUpstream::start().await;
+    let proxy = TestProxy::start(up.addr, Opts::default()).await;
+    let resp = client()
+        .patch(proxy.url("/echo/a%20b?x=1&y=%C3%A9"))
+        .header("host", "till.shop.example")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("connection", "x-hop-secret")
+        .header("x-hop-secret", "must-not-pass")
+        .header("x-custom", "kept")
+        .body("payload bytes")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers().get("etag").unwrap(), "\"abc\"", "validators pass through off the sales route");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["method"], "PATCH");
+    assert_eq!(v["uri"], "/echo/a%20b?x=1&y=%C3%A9");
+    assert_eq!(v["body"], "payload bytes");
+    let headers: Vec<(String, String)> = serde_json::from_value(v["headers"].clone()).unwrap();
+    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+    assert_eq!(get("host"), Some("till.shop.example"));
+    assert_eq!(get("x-forwarded-for"), Some("203.0.113.7, 127.0.0.1"));
+    assert_eq!(get("x-forwarded-proto"), Some("http"));
+    assert_eq!(get("x-forwarded-host"), Some("till.shop.example"));
+    assert_eq!(get("x-custom"), Some("kept"));
+    assert_eq!(get("x-hop-secret"), None);
+    assert_eq!(get("content-length"), Some("13"));
+}
+
+#[tokio::test]
+async fn status_codes_pass_through() {
+    let up = EchoUpstream::start().await;
+    let proxy = TestProxy::start(up.addr, Opts::default()).await;
+    let c = client();
+    for code in [200u16, 201, 204, 206, 304, 307, 308, 400, 404, 418, 500, 503] {
+        let resp = c.get(proxy.url(&format!("/status/{code}"))).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), code);
+        assert_eq!(resp.headers().get("x-upstream").unwrap(), "yes");
+        if resp.status().is_redirection() && code != 304 {
+            assert_eq!(resp.headers().get("location").unwrap(), "/elsewhere");
+        }
+        let body = resp.bytes().await.unwrap();
+        if matches!(code, 204 | 304) {
+            assert!(body.is_empty());
+        } else {
+            assert_eq!(body, format!("status {code}"));
+        }
+    }
+}
+
+const TEN_MB: u64 = 10 * 1024 * 1024;
+
+#[tokio::test]
+async fn a_10mb_upload_streams_through_without_buffering() {
+    let up = EchoUpstream::start().await;
+    let proxy = TestProxy::start(up.addr, Opts::default()).await;
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(4);
+    let client = Client::builder(TokioExecutor::new()).build_http::<http_body_util::channel::Channel<Bytes>>();
+    let req = http::Request::post(proxy.url("/upload")).body(body).unwrap();
+    let resp = tokio::spawn(client.request(req));
+    let chunk = 256 * 1024u64;
+    let mut sent = 0u64;
+    // First chunk only: the upstream must see it while the client still holds the rest.
+    let first: Vec<u8> = (0..chunk).map(pattern).collect();
+    tx.send_data(Bytes::from(first)).await.unwrap();
+    sent += chunk;
+    tokio::time::timeout(READ_LIMIT, up.signals.upload_started.notified())
+        .await
+        .expect("upload was buffered: the upstream saw nothing of a streamed body");
+    while sent < TEN_MB {
+        let part: Vec<u8> = (sent..sent + chunk).map(pattern).collect();
+        tx.send_data(Bytes::from(part)).await.unwrap();
+        sent += chunk;
+    }
+    drop(tx);
+    let resp = tokio::time::timeout(READ_LIMIT, resp).await.unwrap().unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["bytes"], TEN_MB);
+    assert_eq!(v["pattern_ok"], true);
+}
+
+#[tokio::test]
+async fn a_10mb_download_streams_through_without_buffering() {
+    let up = EchoUpstream::start().await;
+    let proxy = TestProxy::start(up.addr, Opts::default()).await;
+    let mut resp = client()
+        .get(proxy.url(&format!("/download?bytes={TEN_MB}&gate=1")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // The upstream holds the rest back until the client has the first chunk.
+    let first = tokio::time::timeout(READ_LIMIT, resp.chunk())
+        .await
+        .expect("download was buffered: no first chunk while the upstream waits")
+        .unwrap()
+        .unwrap();
+    up.signals.download_gate.notify_one();
+    let mut n = 0u64;
+    let mut ok = true;
+    let mut check = |data: &[u8], n: &mut u64| {
+        for b in data {
+            ok &= *b == pattern(*n);
+            *n += 1;
+        }
+    };
+    check(&first, &mut n);
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        check(&chunk, &mut n);
+    }
+    assert_eq!(n, TEN_MB);
+    assert!(ok, "bytes changed on the way");
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_tunnelled() {
+    let up = EchoUpstream::start().await;
+    let proxy = TestProxy::start(up.addr, Opts::default()).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: pos\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_until(&mut s, "\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("upgrade: websocket"), "{head}");
+    for msg in ["hello", "second frame"] {
+        s.write_all(msg.as_bytes()).await.unwrap();
+        let got = read_until(&mut s, &format!("echo:{msg}")).await;
+        assert!(got.contains(&format!("echo:{msg}")));
+    }
+}
+
+#[tokio::test]
+async fn header_name_case_is_preserved_both_ways() {
+    let up = RawUpstream::start(
+        "HTTP/1.1 200 OK\r\nX-Custom-CASE: Value\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+    )
+    .await;
+    let proxy = TestProxy::start(up.addr, Opts::default()).await;
+    let answer = roundtrip(
+        proxy.addr,
+        b"GET /x HTTP/1.1\r\nHost: pos\r\nX-Till-ID: T1\r\nx-lower: l\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.contains("X-Custom-CASE: Value"), "{answer}");
+    assert!(answer.contains("Content-Type: text/plain"), "{answer}");
+    assert!(answer.ends_with("ok"), "{answer}");
+    let seen = up.requests.lock().unwrap()[0].clone();
+    assert!(seen.contains("X-Till-ID: T1"), "{seen}");
+    assert!(seen.contains("x-lower: l"), "{seen}");
+}
+
+#[tokio::test]
+async fn http10_and_expect_100_continue_work() {
+    let up = EchoUpstream::start().await;
+    let proxy = TestProxy::start(up.addr, Opts::default()).await;
+    let answer = roundtrip(proxy.addr, b"GET /echo/old HTTP/1.0\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"uri\":\"/echo/old\""), "{answer}");
+
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"POST /echo/e HTTP/1.1\r\nHost: pos\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let interim = read_until(&mut s, "\r\n\r\n").await;
+    assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim}");
+    s.write_all(b"hello").await.unwrap();
+    let answer = read_until(&mut s, "\"body\":\"hello\"").await;
+    assert!(answer.contains("HTTP/1.1 200"), "{answer}");
+    assert!(!answer.to_ascii_lowercase().contains("\"expect\""), "Expect is answered by the proxy, not forwarded: {answer}");
+}
+
+#[tokio::test]
+async fn upstream_connections_are_pooled_and_stale_ones_do_not_fail_a_sale() {
+    let pos = SamplePos::start(SamplePosOptions {
+        idle_timeout: Duration::from_millis(150),
+        ..SamplePosOptions::default()
+    })
+    .await
+    .unwrap();
+    let proxy = TestProxy::start(
+        pos.addr(),
+        Opts {
+            pool_idle_ms: 60_000,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let c = client();
+    for _ in 0..5 {
+        let r = c.get(proxy.url("/api/sales")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    assert_eq!(pos.connections_accepted(), 1, "keep-alive to the POS is reused");
+    // The POS closes idle sockets after 150 ms; the pooled one must not fail the next sale.
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let r = c.post(proxy.url("/api/sales")).body(SALE_NO_CUSTOMER).send().await.unwrap();
+        assert_eq!(r.status(), 207, "round {round}");
+    }
+    assert_eq!(pos.completed_sales().len(), 3, "each sale reached the POS exactly once");
+}
+
+#[tokio::test]
+async fn upstream_down_is_502_and_upstream_timeout_is_504() {
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let proxy = TestProxy::start(closed, Opts::default()).await;
+    let r = client().get(proxy.url("/anything")).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "Bad Gateway");
+    assert!(v["details"].as_str().unwrap().contains("unavailable"), "{v}");
+
+    let up = EchoUpstream::start().await;
+    let proxy = TestProxy::start(
+        up.addr,
+        Opts {
+            upstream_timeout_ms: 300,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let r = client().get(proxy.url("/hang")).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "Gateway Timeout");
+    // a sale whose POS does not answer in time is a 504 too: the proxy never invents an outcome
+    let pos = SamplePos::start(SamplePosOptions {
+        sale_delay: Duration::from_secs(3),
+        ..SamplePosOptions::default()
+    })
+    .await
+    .unwrap();
+    let proxy = TestProxy::start(
+        pos.addr(),
+        Opts {
+            upstream_timeout_ms: 300,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let r = client().post(proxy.url("/api/sales")).body(SALE_NO_CUSTOMER).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+}
+
+#[tokio::test]
+async fn connect_requests_are_refused_clearly() {
+    let up = EchoUpstream::start().await;
+    let proxy = TestProxy::start(up.addr, Opts::default()).await;
+    let answer = roundtrip(proxy.addr, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nConnection: close\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+}

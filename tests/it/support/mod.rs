@@ -1,0 +1,209 @@
+//! Test support: the proxy on 127.0.0.1:0 in front of in-process fakes, and clients.
+
+#![allow(dead_code)]
+
+pub mod raw;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use pos_crm_proxy::config::{Config, NoEnv};
+use pos_crm_proxy::demo::sample_crm::SampleCrm;
+use pos_crm_proxy::demo::sample_pos::{SamplePos, SamplePosOptions};
+use pos_crm_proxy::App;
+
+/// The API key the fake CRM expects in tests.
+pub const KEY: &str = "sk-test-4f1c9a7e-not-for-logs";
+
+/// The sale request of the contract, with a customer.
+pub const SALE_WITH_CUSTOMER: &str = r#"{"items":[{"id":"test-product-1","name":"Test Coffee","price":4.5,"quantity":2,"type":"product"},{"id":"test-service-1","name":"Gift Wrapping","price":1,"quantity":1,"type":"service"}],"subtotal":10,"tax":1,"total":11,"paymentMethod":"Credit Card","user":"test-cashier","warehouseId":"WH1","customerId":"customer-123","customerName":"John Doe","currency":"USD"}"#;
+/// The same sale without a customer.
+pub const SALE_NO_CUSTOMER: &str = r#"{"items":[{"id":"test-product-1","name":"Test Coffee","price":4.5,"quantity":2,"type":"product"},{"id":"test-service-1","name":"Gift Wrapping","price":1,"quantity":1,"type":"service"}],"subtotal":10,"tax":1,"total":11,"paymentMethod":"Cash","user":"test-cashier","warehouseId":"WH1"}"#;
+
+/// Settings the tests vary; rendered into a real TOML file's text and parsed like one.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    pub crm: Option<(String, String)>,
+    pub enabled: bool,
+    pub sync_budget_ms: u64,
+    pub crm_timeout_ms: u64,
+    pub upstream_timeout_ms: u64,
+    pub pool_idle_ms: u64,
+    pub max_request_body: usize,
+    pub max_response_body: usize,
+    pub intercept_paths: Vec<String>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            crm: None,
+            enabled: true,
+            sync_budget_ms: 3_000,
+            crm_timeout_ms: 3_000,
+            upstream_timeout_ms: 10_000,
+            pool_idle_ms: 4_000,
+            max_request_body: 1024 * 1024,
+            max_response_body: 8 * 1024 * 1024,
+            intercept_paths: vec!["/api/sales".into()],
+        }
+    }
+}
+
+impl Opts {
+    pub fn with_crm(crm: &SampleCrm) -> Self {
+        Opts {
+            crm: Some((crm.url(), KEY.to_string())),
+            ..Opts::default()
+        }
+    }
+
+    pub fn toml(&self, upstream: SocketAddr, data_dir: &Path) -> String {
+        let (url, key) = self.crm.clone().unwrap_or_default();
+        let paths: Vec<String> = self.intercept_paths.iter().map(|p| format!("{p:?}")).collect();
+        format!(
+            r#"
+[proxy]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_grace_ms = 2000
+[upstream]
+url = "http://{upstream}"
+timeout_ms = {upstream_timeout}
+connect_timeout_ms = 1000
+pool_idle_timeout_ms = {pool_idle}
+[sales]
+intercept_paths = [{paths}]
+max_request_body_bytes = {max_req}
+max_response_body_bytes = {max_resp}
+[crm]
+enabled = {enabled}
+api_url = "{url}"
+api_key = "{key}"
+timeout_ms = {crm_timeout}
+connect_timeout_ms = 500
+sync_budget_ms = {budget}
+[storage]
+data_dir = {data_dir:?}
+[log]
+level = "debug"
+"#,
+            upstream_timeout = self.upstream_timeout_ms,
+            pool_idle = self.pool_idle_ms,
+            paths = paths.join(", "),
+            max_req = self.max_request_body,
+            max_resp = self.max_response_body,
+            enabled = self.enabled,
+            crm_timeout = self.crm_timeout_ms,
+            budget = self.sync_budget_ms,
+            data_dir = data_dir.display().to_string(),
+        )
+    }
+}
+
+/// The real proxy, in process, on 127.0.0.1:0.
+pub struct TestProxy {
+    app: Option<App>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestProxy {
+    pub async fn start(upstream: SocketAddr, opts: Opts) -> TestProxy {
+        let dir = tempfile::tempdir().unwrap();
+        let text = opts.toml(upstream, dir.path());
+        let config = Config::from_toml(&text, Path::new("test.toml"), &NoEnv).unwrap();
+        let app = App::start(config).await.unwrap();
+        TestProxy {
+            addr: app.proxy_addr(),
+            admin: app.admin_addr(),
+            app: Some(app),
+            dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(app) = self.app.take() {
+            app.shutdown().await;
+        }
+    }
+}
+
+/// A fake POS, a fake CRM and the proxy in front of the POS.
+pub struct Stack {
+    pub pos: SamplePos,
+    pub crm: SampleCrm,
+    pub proxy: TestProxy,
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        Self::start_with(SamplePosOptions::default(), |o| o).await
+    }
+
+    pub async fn start_with(pos_opts: SamplePosOptions, tweak: impl FnOnce(Opts) -> Opts) -> Stack {
+        let pos = SamplePos::start(pos_opts).await.unwrap();
+        let crm = SampleCrm::start(KEY).await.unwrap();
+        let opts = tweak(Opts::with_crm(&crm));
+        let proxy = TestProxy::start(pos.addr(), opts).await;
+        Stack { pos, crm, proxy }
+    }
+
+    /// POSTs a sale through the proxy and returns status and JSON body.
+    pub async fn sale(&self, body: &str) -> (u16, serde_json::Value, String) {
+        post_sale(&self.proxy, body).await
+    }
+}
+
+/// POSTs `body` to `/api/sales` through `proxy`.
+pub async fn post_sale(proxy: &TestProxy, body: &str) -> (u16, serde_json::Value, String) {
+    let resp = client()
+        .post(proxy.url("/api/sales"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+    (status, json, text)
+}
+
+/// A plain-HTTP reqwest client with a bounded timeout.
+pub fn client() -> reqwest::Client {
+    pos_crm_proxy::tls::install_crypto_provider();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Removes the two values that differ between runs (sale id, timestamp) so POS answers can be
+/// compared with the captures.
+pub fn normalise(mut v: serde_json::Value) -> serde_json::Value {
+    if let Some(o) = v.as_object_mut() {
+        o.remove("saleId");
+        if let Some(r) = o.get_mut("saleRecord").and_then(|r| r.as_object_mut()) {
+            r.remove("id");
+            r.remove("timestamp");
+            if let Some(txs) = r.get_mut("inventoryTransactions").and_then(|t| t.as_array_mut()) {
+                for t in txs {
+                    if let Some(t) = t.as_object_mut() {
+                        t.remove("transaction_id");
+                    }
+                }
+            }
+        }
+    }
+    v
+}
