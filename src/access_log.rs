@@ -86,17 +86,19 @@ where
         let this = self.project();
         let out = std::task::ready!(this.inner.poll(cx));
         if let (Some((start, method, path)), Ok(resp)) = (this.start.take(), &out) {
-            let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
+            let latency_ms = format_args!("{:.3}", start.elapsed().as_secs_f64() * 1000.0);
             let status = resp.status().as_u16();
             match resp.extensions().get::<SaleNote>() {
                 Some(note) => tracing::info!(
                     target: "access",
-                    %method, path, status, latency_ms,
+                    %method, path, status, %latency_ms,
                     sale_id = note.sale_id.as_deref().unwrap_or("-"),
                     invoice = note.invoice,
                     "request"
                 ),
-                None => tracing::info!(target: "access", %method, path, status, latency_ms, "request"),
+                None => {
+                    tracing::info!(target: "access", %method, path, status, %latency_ms, "request")
+                }
             }
         }
         Poll::Ready(out)

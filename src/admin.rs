@@ -31,7 +31,10 @@ impl Admin {
 
     fn respond(&self, req: &Request<Body>) -> Response<Body> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return json(StatusCode::METHOD_NOT_ALLOWED, r#"{"error":"method not allowed"}"#.into());
+            return json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                r#"{"error":"method not allowed"}"#.into(),
+            );
         }
         match req.uri().path() {
             "/healthz" => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
@@ -39,7 +42,10 @@ impl Admin {
                 if self.readiness.proxy_listening.load(Ordering::Acquire) {
                     json(StatusCode::OK, r#"{"status":"ready"}"#.into())
                 } else {
-                    json(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"starting"}"#.into())
+                    json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        r#"{"status":"starting"}"#.into(),
+                    )
                 }
             }
             _ => json(StatusCode::NOT_FOUND, r#"{"error":"not found"}"#.into()),

@@ -54,16 +54,20 @@ impl App {
         crate::tls::install_crypto_provider();
         let proxy_listener = bind(config.listen, "proxy.listen").await?;
         let admin_listener = bind(config.admin_listen, "proxy.admin_listen").await?;
-        let proxy_addr = proxy_listener.local_addr().map_err(|source| StartError::Bind {
-            addr: config.listen,
-            what: "proxy.listen",
-            source,
-        })?;
-        let admin_addr = admin_listener.local_addr().map_err(|source| StartError::Bind {
-            addr: config.admin_listen,
-            what: "proxy.admin_listen",
-            source,
-        })?;
+        let proxy_addr = proxy_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                what: "proxy.listen",
+                source,
+            })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: config.admin_listen,
+                what: "proxy.admin_listen",
+                source,
+            })?;
 
         let crm = Arc::new(CrmClient::new(&config.crm)?);
         let invoicer = Invoicer::new(crm, config.crm.sync_budget, &config.sales.default_currency);

@@ -382,9 +382,12 @@ fn parse_bool(v: &str) -> Option<bool> {
 }
 
 fn addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
-    v.trim()
-        .parse()
-        .map_err(|_| invalid(key, format!("expected IP:PORT such as 127.0.0.1:8080, got {v:?}")))
+    v.trim().parse().map_err(|_| {
+        invalid(
+            key,
+            format!("expected IP:PORT such as 127.0.0.1:8080, got {v:?}"),
+        )
+    })
 }
 
 fn millis(key: &str, ms: u64) -> Result<Duration, ConfigError> {
@@ -407,7 +410,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let upstream_uri: Uri = raw.upstream.url.trim().parse().map_err(|_| {
         invalid(
             "upstream.url",
-            format!("expected a URL such as http://127.0.0.1:3000, got {:?}", raw.upstream.url),
+            format!(
+                "expected a URL such as http://127.0.0.1:3000, got {:?}",
+                raw.upstream.url
+            ),
         )
     })?;
     let scheme = upstream_uri.scheme().cloned();
@@ -433,7 +439,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let upstream = UpstreamConfig {
         scheme,
         authority,
-        connect_timeout: millis("upstream.connect_timeout_ms", raw.upstream.connect_timeout_ms)?,
+        connect_timeout: millis(
+            "upstream.connect_timeout_ms",
+            raw.upstream.connect_timeout_ms,
+        )?,
         timeout: millis("upstream.timeout_ms", raw.upstream.timeout_ms)?,
         pool_idle_timeout: millis(
             "upstream.pool_idle_timeout_ms",
@@ -457,10 +466,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
     }
     if raw.sales.max_request_body_bytes == 0 {
-        return Err(invalid("sales.max_request_body_bytes", "must be greater than 0"));
+        return Err(invalid(
+            "sales.max_request_body_bytes",
+            "must be greater than 0",
+        ));
     }
     if raw.sales.max_response_body_bytes == 0 {
-        return Err(invalid("sales.max_response_body_bytes", "must be greater than 0"));
+        return Err(invalid(
+            "sales.max_response_body_bytes",
+            "must be greater than 0",
+        ));
     }
     let currency = raw.sales.default_currency.trim().to_string();
     if currency.len() != 3 || !currency.chars().all(|c| c.is_ascii_uppercase()) {
@@ -480,7 +495,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let api_key = raw.crm.api_key.trim().to_string();
     if !api_url.is_empty() {
         let uri: Uri = api_url.parse().map_err(|_| {
-            invalid("crm.api_url", format!("expected a URL such as https://crm.example.com, got {api_url:?}"))
+            invalid(
+                "crm.api_url",
+                format!("expected a URL such as https://crm.example.com, got {api_url:?}"),
+            )
         })?;
         match uri.scheme_str() {
             Some("http") | Some("https") if uri.authority().is_some() => {}
@@ -525,7 +543,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
         return Err(invalid(
             "log.level",
-            format!("{:?} is not a level or filter such as info or debug", raw.log.level),
+            format!(
+                "{:?} is not a level or filter such as info or debug",
+                raw.log.level
+            ),
         ));
     }
 
@@ -580,7 +601,9 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named() {
-        let err = parse("[crm]\napi_ur = \"http://x\"\n").unwrap_err().to_string();
+        let err = parse("[crm]\napi_ur = \"http://x\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("api_ur"), "{err}");
         let err = parse("[nope]\n").unwrap_err().to_string();
         assert!(err.contains("nope"), "{err}");
@@ -596,15 +619,23 @@ mod tests {
             ("[crm]\napi_url = \"not a url\"\n", "crm.api_url"),
             ("[crm]\nsync_budget_ms = 0\n", "crm.sync_budget_ms"),
             ("[sales]\nintercept_paths = []\n", "sales.intercept_paths"),
-            ("[sales]\nintercept_paths = [\"api/sales\"]\n", "sales.intercept_paths"),
-            ("[sales]\ndefault_currency = \"dollars\"\n", "sales.default_currency"),
+            (
+                "[sales]\nintercept_paths = [\"api/sales\"]\n",
+                "sales.intercept_paths",
+            ),
+            (
+                "[sales]\ndefault_currency = \"dollars\"\n",
+                "sales.default_currency",
+            ),
             ("[log]\nformat = \"xml\"\n", "log.format"),
             ("[log]\nlevel = \"loud=[\"\n", "log.level"),
         ] {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(key), "{text:?} gave {err}");
         }
-        let err = parse("[upstream]\ntimeout_ms = \"fast\"\n").unwrap_err().to_string();
+        let err = parse("[upstream]\ntimeout_ms = \"fast\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("timeout_ms"), "{err}");
     }
 
@@ -630,15 +661,22 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
         assert!(!c.crm.enabled);
 
-        let err = Config::from_toml("", Path::new("t"), &env(&[("CRM_INTEGRATION_ENABLED", "maybe")]))
-            .unwrap_err()
-            .to_string();
+        let err = Config::from_toml(
+            "",
+            Path::new("t"),
+            &env(&[("CRM_INTEGRATION_ENABLED", "maybe")]),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("CRM_INTEGRATION_ENABLED"), "{err}");
     }
 
     #[test]
     fn debug_output_never_shows_the_key() {
-        let e = env(&[("CRM_API_URL", "http://crm"), ("CRM_API_KEY", "sk-very-secret")]);
+        let e = env(&[
+            ("CRM_API_URL", "http://crm"),
+            ("CRM_API_KEY", "sk-very-secret"),
+        ]);
         let c = Config::from_toml("", Path::new("t"), &e).unwrap();
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("sk-very-secret"), "{dbg}");

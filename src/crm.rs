@@ -24,7 +24,11 @@ const MAX_ERROR_TEXT: usize = 300;
 const MAX_CACHED_NAMES: usize = 10_000;
 
 /// Path segment encoding: everything but unreserved characters.
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
 
 /// An invoice the CRM confirmed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +68,10 @@ pub enum CrmError {
     #[error("CRM refused the invoice: {0}")]
     Rejected(String),
     #[error("CRM answered {status} redirecting to {location}; redirects are not followed")]
-    Redirect { status: StatusCode, location: String },
+    Redirect {
+        status: StatusCode,
+        location: String,
+    },
     #[error("CRM request failed: {0}")]
     Other(String),
 }
@@ -191,7 +198,9 @@ impl CrmClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let body = read_capped(&mut response).await.map_err(|e| self.classify(e))?;
+        let body = read_capped(&mut response)
+            .await
+            .map_err(|e| self.classify(e))?;
         if !status.is_success() {
             return Err(CrmError::Status {
                 status,
@@ -282,7 +291,10 @@ impl CrmClient {
         if e.is_connect() {
             let host = e
                 .url()
-                .and_then(|u| u.host_str().map(|h| format!("{h}:{}", u.port_or_known_default().unwrap_or(0))))
+                .and_then(|u| {
+                    u.host_str()
+                        .map(|h| format!("{h}:{}", u.port_or_known_default().unwrap_or(0)))
+                })
                 .unwrap_or_default();
             return CrmError::Unreachable(format!("cannot connect to {host}: {root}"));
         }
@@ -367,11 +379,17 @@ mod tests {
 
     #[test]
     fn error_text_prefers_the_crm_message_and_stays_short() {
-        assert_eq!(error_text(br#"{"success":false,"error":"Database error"}"#), "Database error");
+        assert_eq!(
+            error_text(br#"{"success":false,"error":"Database error"}"#),
+            "Database error"
+        );
         assert_eq!(error_text(b"<html>\nbad\n</html>"), "<html> bad </html>");
         assert_eq!(error_text(b""), "(empty body)");
         let long = "x".repeat(1000);
-        assert_eq!(error_text(long.as_bytes()).chars().count(), MAX_ERROR_TEXT + 1);
+        assert_eq!(
+            error_text(long.as_bytes()).chars().count(),
+            MAX_ERROR_TEXT + 1
+        );
         assert_eq!(
             CrmError::Status {
                 status: StatusCode::INTERNAL_SERVER_ERROR,

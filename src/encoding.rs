@@ -25,7 +25,9 @@ pub fn decode(content_encoding: &str, body: &[u8], limit: usize) -> Result<Vec<u
         let coding = coding.trim().to_ascii_lowercase();
         data = match coding.as_str() {
             "" | "identity" => data,
-            "gzip" | "x-gzip" => read_capped(flate2::read::MultiGzDecoder::new(&data[..]), "gzip", limit)?,
+            "gzip" | "x-gzip" => {
+                read_capped(flate2::read::MultiGzDecoder::new(&data[..]), "gzip", limit)?
+            }
             "deflate" => decode_deflate(&data, limit)?,
             "br" => read_capped(brotli::Decompressor::new(&data[..], 8192), "br", limit)?,
             other => return Err(DecodeError::Unsupported(other.to_string())),
@@ -40,7 +42,11 @@ fn decode_deflate(data: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
         .or_else(|_| read_capped(flate2::read::DeflateDecoder::new(data), "deflate", limit))
 }
 
-fn read_capped(reader: impl Read, name: &'static str, limit: usize) -> Result<Vec<u8>, DecodeError> {
+fn read_capped(
+    reader: impl Read,
+    name: &'static str,
+    limit: usize,
+) -> Result<Vec<u8>, DecodeError> {
     let mut out = Vec::new();
     reader
         .take(limit as u64 + 1)
@@ -70,9 +76,13 @@ mod tests {
         let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
         z.write_all(text).unwrap();
         assert_eq!(decode("deflate", &z.finish().unwrap(), 1000).unwrap(), text);
-        let mut raw = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut raw =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
         raw.write_all(text).unwrap();
-        assert_eq!(decode("Deflate", &raw.finish().unwrap(), 1000).unwrap(), text);
+        assert_eq!(
+            decode("Deflate", &raw.finish().unwrap(), 1000).unwrap(),
+            text
+        );
         let mut br = Vec::new();
         {
             let mut w = brotli::CompressorWriter::new(&mut br, 4096, 5, 22);
@@ -81,14 +91,26 @@ mod tests {
         assert_eq!(decode("br", &br, 1000).unwrap(), text);
         assert_eq!(decode("identity", text, 1000).unwrap(), text);
         // two layers: gzip applied, then gzip again
-        assert_eq!(decode("gzip, gzip", &gzip(&gzip(text)), 1000).unwrap(), text);
+        assert_eq!(
+            decode("gzip, gzip", &gzip(&gzip(text)), 1000).unwrap(),
+            text
+        );
     }
 
     #[test]
     fn refuses_what_it_cannot_or_should_not_decode() {
-        assert!(matches!(decode("zstd", b"x", 10), Err(DecodeError::Unsupported(_))));
-        assert!(matches!(decode("gzip", b"not gzip", 10), Err(DecodeError::Corrupt(..))));
+        assert!(matches!(
+            decode("zstd", b"x", 10),
+            Err(DecodeError::Unsupported(_))
+        ));
+        assert!(matches!(
+            decode("gzip", b"not gzip", 10),
+            Err(DecodeError::Corrupt(..))
+        ));
         let bomb = gzip(&vec![b'a'; 100_000]);
-        assert!(matches!(decode("gzip", &bomb, 1000), Err(DecodeError::TooLarge(1000))));
+        assert!(matches!(
+            decode("gzip", &bomb, 1000),
+            Err(DecodeError::TooLarge(1000))
+        ));
     }
 }

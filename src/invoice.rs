@@ -93,7 +93,11 @@ impl Invoicer {
 
     /// Resolves the customer's name (within what is left of the budget), freezes the payload
     /// and sends it.
-    async fn deliver(&self, req: InvoiceRequest, deadline: Instant) -> Result<CreatedInvoice, CrmError> {
+    async fn deliver(
+        &self,
+        req: InvoiceRequest,
+        deadline: Instant,
+    ) -> Result<CreatedInvoice, CrmError> {
         if !self.crm.is_configured() {
             return Err(CrmError::NotConfigured);
         }

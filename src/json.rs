@@ -65,7 +65,11 @@ impl<'a> Object<'a> {
 
     /// The value of the *last* member named `key`, as JavaScript's `JSON.parse` would keep it.
     pub fn get(&self, key: &str) -> Option<&'a RawValue> {
-        self.members.iter().rev().find(|m| m.key == key).map(|m| m.value)
+        self.members
+            .iter()
+            .rev()
+            .find(|m| m.key == key)
+            .map(|m| m.value)
     }
 
     /// Every member named `key` (a document may repeat a key).
@@ -136,7 +140,10 @@ mod tests {
                 ("c".to_string(), r#"{"x":"y"}"#)
             ]
         );
-        assert_eq!(&src[..obj.append_position()], r#" { "a" : 10.10 , "b":[1, 2] ,"c":{"x":"y"}"#);
+        assert_eq!(
+            &src[..obj.append_position()],
+            r#" { "a" : 10.10 , "b":[1, 2] ,"c":{"x":"y"}"#
+        );
     }
 
     #[test]

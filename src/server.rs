@@ -55,13 +55,12 @@ pub fn http_builder() -> auto::Builder<TokioExecutor> {
 
 /// Serves `service` on `listener` until `shutdown`, then lets open connections finish their
 /// in-flight requests for at most `grace`.
-pub async fn serve<S>(
-    listener: TcpListener,
-    service: S,
-    mut shutdown: Shutdown,
-    grace: Duration,
-) where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+pub async fn serve<S>(listener: TcpListener, service: S, mut shutdown: Shutdown, grace: Duration)
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
 {
     let builder = Arc::new(http_builder());

@@ -121,10 +121,7 @@ impl Upstream {
             .build()
             .map_err(|e| ProxyError::BadRequest(format!("invalid request target: {e}")))?;
 
-        let tls = req
-            .extensions()
-            .get::<ConnInfo>()
-            .is_some_and(|c| c.tls);
+        let tls = req.extensions().get::<ConnInfo>().is_some_and(|c| c.tls);
         let peer = req.extensions().get::<ConnInfo>().map(|c| c.peer.ip());
         let headers = req.headers_mut();
         strip_hop_by_hop(headers, upgrade);
@@ -258,7 +255,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_go_including_those_named_in_connection() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, "keep-alive, X-Secret-Hop".parse().unwrap());
+        h.insert(
+            header::CONNECTION,
+            "keep-alive, X-Secret-Hop".parse().unwrap(),
+        );
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert("x-secret-hop", "1".parse().unwrap());
         h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());

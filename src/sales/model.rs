@@ -195,10 +195,7 @@ impl InvoicePayload {
                 let quantity =
                     as_number(item.quantity.as_deref()).unwrap_or_else(|| raw_number("1"));
                 let price = as_number(item.price.as_deref()).unwrap_or_else(zero);
-                let sku = item
-                    .sku
-                    .clone()
-                    .unwrap_or_else(|| raw_number("\"\""));
+                let sku = item.sku.clone().unwrap_or_else(|| raw_number("\"\""));
                 let description = item
                     .name
                     .clone()
@@ -308,8 +305,14 @@ mod tests {
         let sale = Sale::parse(body.as_bytes()).unwrap();
         let p = InvoicePayload::build(&sale, "c", "c", "S", "2026-01-01", "USD");
         let v = serde_json::to_string(&p).unwrap();
-        assert!(v.contains(r#""amount":30.30,"paid_amount":30.30,"currency":"USD""#), "{v}");
-        assert!(v.contains(r#""quantity":3,"price":10.10,"total":30.3"#), "{v}");
+        assert!(
+            v.contains(r#""amount":30.30,"paid_amount":30.30,"currency":"USD""#),
+            "{v}"
+        );
+        assert!(
+            v.contains(r#""quantity":3,"price":10.10,"total":30.3"#),
+            "{v}"
+        );
         assert!(v.contains(r#""cost_price":2.50"#), "{v}");
         // 0.1 × 0.3 in binary floating point is 0.030000000000000002
         assert!(v.contains(r#""price":0.1,"total":0.03,"sku":"b""#), "{v}");
@@ -346,7 +349,11 @@ mod tests {
         use http::StatusCode as S;
         for (status, body, want) in [
             (S::OK, r#"{"success":true,"saleId":"X"}"#, Some("X")),
-            (S::MULTI_STATUS, r#"{"success":true,"saleId":"X"}"#, Some("X")),
+            (
+                S::MULTI_STATUS,
+                r#"{"success":true,"saleId":"X"}"#,
+                Some("X"),
+            ),
             (S::OK, r#"{"success":"true","saleId":"X"}"#, None),
             (S::OK, r#"{"success":true,"saleId":7}"#, None),
             (S::OK, r#"{"success":true}"#, None),
@@ -354,7 +361,11 @@ mod tests {
             (S::BAD_REQUEST, r#"{"success":true,"saleId":"X"}"#, None),
         ] {
             let obj = Object::parse(body).unwrap();
-            assert_eq!(completed_sale_id(status, &obj).as_deref(), want, "{status} {body}");
+            assert_eq!(
+                completed_sale_id(status, &obj).as_deref(),
+                want,
+                "{status} {body}"
+            );
         }
     }
 

@@ -82,7 +82,11 @@ fn new_message(message: &str, status: &CrmStatus) -> Option<String> {
 
 /// Adds the outcome to a POS answer. `status` is the POS's status; a failed invoice turns 200
 /// into 207 like the original integration did.
-pub fn rewrite(body: &[u8], status: StatusCode, outcome: Outcome<'_>) -> Result<Rewritten, RewriteError> {
+pub fn rewrite(
+    body: &[u8],
+    status: StatusCode,
+    outcome: Outcome<'_>,
+) -> Result<Rewritten, RewriteError> {
     let obj = Object::parse_bytes(body)?;
     let src = obj.source();
     let mut splices: Vec<Splice> = Vec::new();
@@ -126,7 +130,8 @@ pub fn rewrite(body: &[u8], status: StatusCode, outcome: Outcome<'_>) -> Result<
             match obj.members.iter().rev().find(|m| m.key == "warnings") {
                 Some(member) => {
                     let raw = member.value.get();
-                    if let Ok(list) = serde_json::from_str::<Vec<&serde_json::value::RawValue>>(raw) {
+                    if let Ok(list) = serde_json::from_str::<Vec<&serde_json::value::RawValue>>(raw)
+                    {
                         let present = list
                             .iter()
                             .any(|w| json::as_str(w).as_deref() == Some(warning.as_str()));
@@ -164,7 +169,10 @@ pub fn rewrite(body: &[u8], status: StatusCode, outcome: Outcome<'_>) -> Result<
             // `{` + `,"crmStatus"...` would be invalid: drop the leading comma.
             appended.remove(0);
         }
-        splices.push(Splice { at: at..at, text: appended });
+        splices.push(Splice {
+            at: at..at,
+            text: appended,
+        });
     }
 
     splices.sort_by_key(|s| (s.at.start, s.at.end));
@@ -191,7 +199,12 @@ mod tests {
     }
 
     fn run(body: &str, status: u16, outcome: Outcome<'_>) -> (String, u16) {
-        let r = rewrite(body.as_bytes(), StatusCode::from_u16(status).unwrap(), outcome).unwrap();
+        let r = rewrite(
+            body.as_bytes(),
+            StatusCode::from_u16(status).unwrap(),
+            outcome,
+        )
+        .unwrap();
         let text = String::from_utf8(r.body).unwrap();
         serde_json::from_str::<serde_json::Value>(&text).expect("valid JSON");
         (text, r.status.as_u16())
@@ -201,11 +214,16 @@ mod tests {
 
     #[test]
     fn table() {
-        let failed = CrmStatus::failed(true, "CRM API error: 500 Internal Server Error - Database error");
+        let failed = CrmStatus::failed(
+            true,
+            "CRM API error: 500 Internal Server Error - Database error",
+        );
         let down = CrmStatus::failed(false, "CRM service not configured");
         let ok = created();
         let in_list = format!(r#"{{"message":"{UNAVAILABLE}","warnings":["w1"]}}"#);
-        let in_list_created = format!(r#"{{"message":"{UNAVAILABLE}","warnings":["w1"],"crmStatus":{{"serviceAvailable":true,"invoiceCreated":true,"invoice_id":"uuid-1","invoice_number":"INV-2025-0001","error":null}}}}"#);
+        let in_list_created = format!(
+            r#"{{"message":"{UNAVAILABLE}","warnings":["w1"],"crmStatus":{{"serviceAvailable":true,"invoiceCreated":true,"invoice_id":"uuid-1","invoice_number":"INV-2025-0001","error":null}}}}"#
+        );
         let empty_warnings = format!(r#"{{"message":"{UNAVAILABLE}","warnings":[ ]}}"#);
         let cases: Vec<(&str, u16, Outcome<'_>, &str, u16)> = vec![
             // no customer: exactly `"crmStatus":null` appended, nothing else
@@ -225,13 +243,7 @@ mod tests {
                 200,
             ),
             // created + parenthesised message: message stays
-            (
-                &in_list,
-                207,
-                Outcome::Crm(&ok),
-                &in_list_created,
-                207,
-            ),
+            (&in_list, 207, Outcome::Crm(&ok), &in_list_created, 207),
             // failed, no list, 200 → 207, warnings created after crmStatus
             (
                 r#"{"message":"Sale completed successfully with all inventory updates"}"#,
@@ -286,8 +298,14 @@ mod tests {
     fn rewriting_twice_changes_nothing_more() {
         let failed = CrmStatus::failed(true, "boom");
         for (body, outcome) in [
-            (r#"{"message":"Sale completed successfully with all inventory updates"}"#, Outcome::Crm(&failed)),
-            (r#"{"message":"Sale completed successfully (x)","warnings":[]}"#, Outcome::Crm(&failed)),
+            (
+                r#"{"message":"Sale completed successfully with all inventory updates"}"#,
+                Outcome::Crm(&failed),
+            ),
+            (
+                r#"{"message":"Sale completed successfully (x)","warnings":[]}"#,
+                Outcome::Crm(&failed),
+            ),
             (r#"{"a":1}"#, Outcome::NoCustomer),
         ] {
             let (once, status) = run(body, 200, outcome);
@@ -296,7 +314,11 @@ mod tests {
             assert_eq!(status, status2);
         }
         let ok = created();
-        let (once, _) = run(r#"{"message":"Sale completed successfully with all inventory updates"}"#, 200, Outcome::Crm(&ok));
+        let (once, _) = run(
+            r#"{"message":"Sale completed successfully with all inventory updates"}"#,
+            200,
+            Outcome::Crm(&ok),
+        );
         let (twice, _) = run(&once, 200, Outcome::Crm(&ok));
         assert_eq!(once, twice);
     }
@@ -306,14 +328,20 @@ mod tests {
         let nasty = CrmStatus::failed(true, "quote \" backslash \\ newline \n </script>");
         let (text, _) = run(r#"{"message":"m"}"#, 200, Outcome::Crm(&nasty));
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(v["crmStatus"]["error"], "quote \" backslash \\ newline \n </script>");
+        assert_eq!(
+            v["crmStatus"]["error"],
+            "quote \" backslash \\ newline \n </script>"
+        );
         assert_eq!(v["message"], "m (CRM invoice creation failed)");
     }
 
     #[test]
     fn not_json_is_refused() {
         for body in ["", "null", "[1]", "<html>", "{\"a\":1"] {
-            assert!(rewrite(body.as_bytes(), StatusCode::OK, Outcome::NoCustomer).is_err(), "{body}");
+            assert!(
+                rewrite(body.as_bytes(), StatusCode::OK, Outcome::NoCustomer).is_err(),
+                "{body}"
+            );
         }
     }
 }

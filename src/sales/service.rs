@@ -60,7 +60,10 @@ impl<S> SalesService<S> {
 
 impl<S> Service<Request<Body>> for SalesService<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
 {
     type Response = Response<Body>;
@@ -110,9 +113,10 @@ where
     };
     let sale = Sale::parse(&bytes).ok();
     // The answer has to be read, so ask for it unencoded (decoding stays as a fallback).
-    parts
-        .headers
-        .insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    parts.headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     let req = Request::from_parts(parts, Body::full(bytes));
 
     // From here on the sale belongs to the POS: finish it even if the client hangs up.
@@ -120,7 +124,8 @@ where
         Ok(resp) => resp,
         Err(e) => {
             tracing::error!(error = %e, "sale task failed");
-            ProxyError::UpstreamBroken("internal error while relaying the sale".into()).into_response()
+            ProxyError::UpstreamBroken("internal error while relaying the sale".into())
+                .into_response()
         }
     }
 }
@@ -135,12 +140,21 @@ where
     }
 }
 
-fn noted(mut resp: Response<Body>, sale_id: Option<String>, invoice: &'static str) -> Response<Body> {
+fn noted(
+    mut resp: Response<Body>,
+    sale_id: Option<String>,
+    invoice: &'static str,
+) -> Response<Body> {
     resp.extensions_mut().insert(SaleNote { sale_id, invoice });
     resp
 }
 
-fn untouched(parts: Parts, raw: Bytes, sale_id: Option<String>, why: &'static str) -> Response<Body> {
+fn untouched(
+    parts: Parts,
+    raw: Bytes,
+    sale_id: Option<String>,
+    why: &'static str,
+) -> Response<Body> {
     noted(Response::from_parts(parts, Body::full(raw)), sale_id, why)
 }
 
@@ -166,7 +180,11 @@ where
                 limit = ctx.max_response_body,
                 "POS answer larger than sales.max_response_body_bytes: passed through untouched, no invoice"
             );
-            return noted(Response::from_parts(parts, body), None, "skipped-answer-too-large");
+            return noted(
+                Response::from_parts(parts, body),
+                None,
+                "skipped-answer-too-large",
+            );
         }
         Err(e) => {
             return ProxyError::UpstreamBroken(e.to_string()).into_response();
@@ -217,7 +235,9 @@ where
         Some(s) => Outcome::Crm(s),
     };
     // The rewrite is pure and tested not to panic; should it ever, the till still gets the sale.
-    let rewritten = std::panic::catch_unwind(AssertUnwindSafe(|| rewrite(&decoded, parts.status, outcome)));
+    let rewritten = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        rewrite(&decoded, parts.status, outcome)
+    }));
     let rewritten = match rewritten {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
@@ -239,9 +259,10 @@ where
     for name in &STALE_HEADERS {
         parts.headers.remove(name);
     }
-    parts
-        .headers
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(rewritten.body.len()));
+    parts.headers.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(rewritten.body.len()),
+    );
     noted(
         Response::from_parts(parts, Body::full(rewritten.body)),
         Some(sale_id),

@@ -16,7 +16,10 @@ async fn sale_with(step: CrmScript) -> (Stack, u16, Value) {
             inventory: InventoryMode::AllOk,
             ..SamplePosOptions::default()
         },
-        |o| Opts { sync_budget_ms: 2_000, ..o },
+        |o| Opts {
+            sync_budget_ms: 2_000,
+            ..o
+        },
     )
     .await;
     s.crm.push_script(step);
@@ -33,17 +36,39 @@ fn assert_failed(status: u16, v: &Value, available: bool, error_contains: &str) 
     assert_eq!(crm["invoice_id"], Value::Null);
     assert_eq!(crm["invoice_number"], Value::Null);
     let error = crm["error"].as_str().unwrap();
-    assert!(error.contains(error_contains), "{error:?} should contain {error_contains:?}");
-    let note = if available { "CRM invoice creation failed" } else { "CRM service unavailable - invoice not created" };
-    assert_eq!(v["message"], format!("Sale completed successfully ({note})").as_str());
+    assert!(
+        error.contains(error_contains),
+        "{error:?} should contain {error_contains:?}"
+    );
+    let note = if available {
+        "CRM invoice creation failed"
+    } else {
+        "CRM service unavailable - invoice not created"
+    };
+    assert_eq!(
+        v["message"],
+        format!("Sale completed successfully ({note})").as_str()
+    );
     let warnings = v["warnings"].as_array().unwrap();
-    assert_eq!(warnings.last().unwrap(), &Value::String(format!("CRM invoice creation failed: {error}")));
+    assert_eq!(
+        warnings.last().unwrap(),
+        &Value::String(format!("CRM invoice creation failed: {error}"))
+    );
 }
 
 #[tokio::test]
 async fn crm_400_is_reported_with_its_text() {
-    let (_, status, v) = sale_with(CrmScript::Status(400, r#"{"success":false,"error":"amount: must be greater than 0"}"#.into())).await;
-    assert_failed(status, &v, true, "CRM API error: 400 Bad Request - amount: must be greater than 0");
+    let (_, status, v) = sale_with(CrmScript::Status(
+        400,
+        r#"{"success":false,"error":"amount: must be greater than 0"}"#.into(),
+    ))
+    .await;
+    assert_failed(
+        status,
+        &v,
+        true,
+        "CRM API error: 400 Bad Request - amount: must be greater than 0",
+    );
 }
 
 #[tokio::test]
@@ -58,31 +83,60 @@ async fn crm_401_says_the_key_is_wrong() {
     .await;
     s.crm.set_api_key("rotated-key");
     let (status, v, _) = s.sale(SALE_WITH_CUSTOMER).await;
-    assert_failed(status, &v, true, "CRM API error: 401 Unauthorized - Invalid API key");
+    assert_failed(
+        status,
+        &v,
+        true,
+        "CRM API error: 401 Unauthorized - Invalid API key",
+    );
 }
 
 #[tokio::test]
 async fn crm_500_is_reported() {
-    let (_, status, v) = sale_with(CrmScript::Status(500, r#"{"success":false,"error":"Database error"}"#.into())).await;
-    assert_failed(status, &v, true, "CRM API error: 500 Internal Server Error - Database error");
+    let (_, status, v) = sale_with(CrmScript::Status(
+        500,
+        r#"{"success":false,"error":"Database error"}"#.into(),
+    ))
+    .await;
+    assert_failed(
+        status,
+        &v,
+        true,
+        "CRM API error: 500 Internal Server Error - Database error",
+    );
 }
 
 #[tokio::test]
 async fn crm_503_means_service_unavailable() {
     let (_, status, v) = sale_with(CrmScript::Status(503, "upstream connect error".into())).await;
-    assert_failed(status, &v, false, "503 Service Unavailable - upstream connect error");
+    assert_failed(
+        status,
+        &v,
+        false,
+        "503 Service Unavailable - upstream connect error",
+    );
 }
 
 #[tokio::test]
 async fn a_2xx_that_is_not_json_is_not_an_invoice() {
     let (_, status, v) = sale_with(CrmScript::NotJson).await;
-    assert_failed(status, &v, true, "CRM answered 200 OK with a body that is not JSON");
+    assert_failed(
+        status,
+        &v,
+        true,
+        "CRM answered 200 OK with a body that is not JSON",
+    );
 }
 
 #[tokio::test]
 async fn a_2xx_with_success_false_is_not_an_invoice() {
     let (_, status, v) = sale_with(CrmScript::SuccessFalse).await;
-    assert_failed(status, &v, true, "CRM refused the invoice: Duplicate invoice");
+    assert_failed(
+        status,
+        &v,
+        true,
+        "CRM refused the invoice: Duplicate invoice",
+    );
 }
 
 #[tokio::test]
@@ -92,18 +146,32 @@ async fn a_crm_slower_than_the_budget_does_not_hold_the_till() {
             inventory: InventoryMode::AllOk,
             ..SamplePosOptions::default()
         },
-        |o| Opts { sync_budget_ms: 300, crm_timeout_ms: 5_000, ..o },
+        |o| Opts {
+            sync_budget_ms: 300,
+            crm_timeout_ms: 5_000,
+            ..o
+        },
     )
     .await;
-    s.crm.push_script(CrmScript::Delay(Duration::from_millis(1_500), Box::new(CrmScript::Normal)));
+    s.crm.push_script(CrmScript::Delay(
+        Duration::from_millis(1_500),
+        Box::new(CrmScript::Normal),
+    ));
     let started = Instant::now();
     let (status, v, _) = s.sale(SALE_WITH_CUSTOMER).await;
     let took = started.elapsed();
-    assert!(took < Duration::from_millis(1_400), "answered at the budget, not when the CRM answered: {took:?}");
+    assert!(
+        took < Duration::from_millis(1_400),
+        "answered at the budget, not when the CRM answered: {took:?}"
+    );
     assert_failed(status, &v, false, "CRM did not answer within 300 ms");
     // the CRM call was not abandoned
     assert!(s.crm.wait_for_invoices(1, Duration::from_secs(10)).await);
-    assert_eq!(s.crm.invoice_posts().len(), 1, "exactly one create was sent");
+    assert_eq!(
+        s.crm.invoice_posts().len(),
+        1,
+        "exactly one create was sent"
+    );
 }
 
 #[tokio::test]
@@ -127,7 +195,12 @@ async fn unreachable_crm_means_service_unavailable() {
     )
     .await;
     let (status, v, _) = post_sale(&proxy, SALE_WITH_CUSTOMER).await;
-    assert_failed(status, &v, false, "CRM unreachable: cannot connect to 127.0.0.1");
+    assert_failed(
+        status,
+        &v,
+        false,
+        "CRM unreachable: cannot connect to 127.0.0.1",
+    );
 }
 
 #[tokio::test]
@@ -143,7 +216,10 @@ async fn unconfigured_crm_says_so() {
         v["message"],
         "Sale completed successfully (inventory service unavailable - manual stock adjustment may be required, CRM service unavailable - invoice not created)"
     );
-    assert_eq!(v["warnings"][1], "CRM invoice creation failed: CRM service not configured");
+    assert_eq!(
+        v["warnings"][1],
+        "CRM invoice creation failed: CRM service not configured"
+    );
 }
 
 #[tokio::test]
@@ -156,10 +232,16 @@ async fn failures_add_to_existing_inventory_warnings() {
         |o| o,
     )
     .await;
-    s.crm.push_script(CrmScript::Status(500, r#"{"success":false,"error":"Database error"}"#.into()));
+    s.crm.push_script(CrmScript::Status(
+        500,
+        r#"{"success":false,"error":"Database error"}"#.into(),
+    ));
     let (status, v, _) = s.sale(SALE_WITH_CUSTOMER).await;
     assert_eq!(status, 207);
-    assert_eq!(v["message"], "Sale completed successfully (1 inventory updates failed, CRM invoice creation failed)");
+    assert_eq!(
+        v["message"],
+        "Sale completed successfully (1 inventory updates failed, CRM invoice creation failed)"
+    );
     assert_eq!(
         v["warnings"],
         serde_json::json!([

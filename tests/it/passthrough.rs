@@ -16,10 +16,21 @@ use crate::support::upstream::{pattern, EchoUpstream};
 use crate::support::{client, Opts, TestProxy, SALE_NO_CUSTOMER};
 
 /// Status, a few headers and the body of one request, for comparing direct and proxied answers.
-async fn snapshot(req: reqwest::RequestBuilder) -> (u16, Option<String>, Option<String>, Option<String>, Bytes) {
+async fn snapshot(
+    req: reqwest::RequestBuilder,
+) -> (u16, Option<String>, Option<String>, Option<String>, Bytes) {
     let resp = req.send().await.unwrap();
-    let h = |n: &str| resp.headers().get(n).map(|v| v.to_str().unwrap().to_string());
-    let (status, ct, allow, location) = (resp.status().as_u16(), h("content-type"), h("allow"), h("location"));
+    let h = |n: &str| {
+        resp.headers()
+            .get(n)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let (status, ct, allow, location) = (
+        resp.status().as_u16(),
+        h("content-type"),
+        h("allow"),
+        h("location"),
+    );
     (status, ct, allow, location, resp.bytes().await.unwrap())
 }
 
@@ -51,12 +62,23 @@ async fn pos_routes_answer_through_the_proxy_exactly_as_directly() {
         assert_eq!(a, b, "{method} {path}");
     }
     // spot checks against the captures
-    let (status, _, allow, _, body) = snapshot(c.request(reqwest::Method::OPTIONS, proxy.url("/api/sales"))).await;
-    assert_eq!((status, allow.as_deref(), body.len()), (204, Some("GET, HEAD, OPTIONS, POST"), 0));
-    let (status, _, _, location, body) = snapshot(c.post(proxy.url("/api/sales/")).body("{}")).await;
-    assert_eq!((status, location.as_deref(), &body[..]), (308, Some("/api/sales"), &b"/api/sales"[..]));
+    let (status, _, allow, _, body) =
+        snapshot(c.request(reqwest::Method::OPTIONS, proxy.url("/api/sales"))).await;
+    assert_eq!(
+        (status, allow.as_deref(), body.len()),
+        (204, Some("GET, HEAD, OPTIONS, POST"), 0)
+    );
+    let (status, _, _, location, body) =
+        snapshot(c.post(proxy.url("/api/sales/")).body("{}")).await;
+    assert_eq!(
+        (status, location.as_deref(), &body[..]),
+        (308, Some("/api/sales"), &b"/api/sales"[..])
+    );
     let (status, ct, _, _, body) = snapshot(c.head(proxy.url("/api/sales"))).await;
-    assert_eq!((status, ct.as_deref(), body.len()), (200, Some("application/json"), 0));
+    assert_eq!(
+        (status, ct.as_deref(), body.len()),
+        (200, Some("application/json"), 0)
+    );
     // the trailing-slash POST is not a sale: the POS never saw a sale, nothing was added
     assert!(pos.completed_sales().is_empty());
 }
@@ -77,13 +99,22 @@ async fn request_line_headers_and_body_are_forwarded_with_forwarding_headers() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers().get("etag").unwrap(), "\"abc\"", "validators pass through off the sales route");
+    assert_eq!(
+        resp.headers().get("etag").unwrap(),
+        "\"abc\"",
+        "validators pass through off the sales route"
+    );
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["method"], "PATCH");
     assert_eq!(v["uri"], "/echo/a%20b?x=1&y=%C3%A9");
     assert_eq!(v["body"], "payload bytes");
     let headers: Vec<(String, String)> = serde_json::from_value(v["headers"].clone()).unwrap();
-    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+    let get = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.as_str())
+    };
     assert_eq!(get("host"), Some("till.shop.example"));
     assert_eq!(get("x-forwarded-for"), Some("203.0.113.7, 127.0.0.1"));
     assert_eq!(get("x-forwarded-proto"), Some("http"));
@@ -98,8 +129,14 @@ async fn status_codes_pass_through() {
     let up = EchoUpstream::start().await;
     let proxy = TestProxy::start(up.addr, Opts::default()).await;
     let c = client();
-    for code in [200u16, 201, 204, 206, 304, 307, 308, 400, 404, 418, 500, 503] {
-        let resp = c.get(proxy.url(&format!("/status/{code}"))).send().await.unwrap();
+    for code in [
+        200u16, 201, 204, 206, 304, 307, 308, 400, 404, 418, 500, 503,
+    ] {
+        let resp = c
+            .get(proxy.url(&format!("/status/{code}")))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status().as_u16(), code);
         assert_eq!(resp.headers().get("x-upstream").unwrap(), "yes");
         if resp.status().is_redirection() && code != 304 {
@@ -120,9 +157,13 @@ const TEN_MB: u64 = 10 * 1024 * 1024;
 async fn a_10mb_upload_streams_through_without_buffering() {
     let up = EchoUpstream::start().await;
     let proxy = TestProxy::start(up.addr, Opts::default()).await;
-    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(4);
-    let client = Client::builder(TokioExecutor::new()).build_http::<http_body_util::channel::Channel<Bytes>>();
-    let req = http::Request::post(proxy.url("/upload")).body(body).unwrap();
+    let (mut tx, body) =
+        http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(4);
+    let client = Client::builder(TokioExecutor::new())
+        .build_http::<http_body_util::channel::Channel<Bytes>>();
+    let req = http::Request::post(proxy.url("/upload"))
+        .body(body)
+        .unwrap();
     let resp = tokio::spawn(client.request(req));
     let chunk = 256 * 1024u64;
     let mut sent = 0u64;
@@ -139,9 +180,14 @@ async fn a_10mb_upload_streams_through_without_buffering() {
         sent += chunk;
     }
     drop(tx);
-    let resp = tokio::time::timeout(READ_LIMIT, resp).await.unwrap().unwrap().unwrap();
+    let resp = tokio::time::timeout(READ_LIMIT, resp)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(resp.status(), 200);
-    let v: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let v: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(v["bytes"], TEN_MB);
     assert_eq!(v["pattern_ok"], true);
 }
@@ -192,7 +238,10 @@ async fn websocket_upgrade_is_tunnelled() {
     .unwrap();
     let head = read_until(&mut s, "\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert!(head.to_ascii_lowercase().contains("upgrade: websocket"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
     for msg in ["hello", "second frame"] {
         s.write_all(msg.as_bytes()).await.unwrap();
         let got = read_until(&mut s, &format!("echo:{msg}")).await;
@@ -225,19 +274,27 @@ async fn http10_and_expect_100_continue_work() {
     let up = EchoUpstream::start().await;
     let proxy = TestProxy::start(up.addr, Opts::default()).await;
     let answer = roundtrip(proxy.addr, b"GET /echo/old HTTP/1.0\r\n\r\n").await;
-    assert!(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
+        "{answer}"
+    );
     assert!(answer.contains("\"uri\":\"/echo/old\""), "{answer}");
 
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"POST /echo/e HTTP/1.1\r\nHost: pos\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(
+        b"POST /echo/e HTTP/1.1\r\nHost: pos\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
     let interim = read_until(&mut s, "\r\n\r\n").await;
     assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim}");
     s.write_all(b"hello").await.unwrap();
     let answer = read_until(&mut s, "\"body\":\"hello\"").await;
     assert!(answer.contains("HTTP/1.1 200"), "{answer}");
-    assert!(!answer.to_ascii_lowercase().contains("\"expect\""), "Expect is answered by the proxy, not forwarded: {answer}");
+    assert!(
+        !answer.to_ascii_lowercase().contains("\"expect\""),
+        "Expect is answered by the proxy, not forwarded: {answer}"
+    );
 }
 
 #[tokio::test]
@@ -262,14 +319,27 @@ async fn upstream_connections_are_pooled_and_stale_ones_do_not_fail_a_sale() {
         assert_eq!(r.status(), 200);
         r.bytes().await.unwrap();
     }
-    assert_eq!(pos.connections_accepted(), 1, "keep-alive to the POS is reused");
+    assert_eq!(
+        pos.connections_accepted(),
+        1,
+        "keep-alive to the POS is reused"
+    );
     // The POS closes idle sockets after 150 ms; the pooled one must not fail the next sale.
     for round in 0..3 {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let r = c.post(proxy.url("/api/sales")).body(SALE_NO_CUSTOMER).send().await.unwrap();
+        let r = c
+            .post(proxy.url("/api/sales"))
+            .body(SALE_NO_CUSTOMER)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 207, "round {round}");
     }
-    assert_eq!(pos.completed_sales().len(), 3, "each sale reached the POS exactly once");
+    assert_eq!(
+        pos.completed_sales().len(),
+        3,
+        "each sale reached the POS exactly once"
+    );
 }
 
 #[tokio::test]
@@ -283,7 +353,10 @@ async fn upstream_down_is_502_and_upstream_timeout_is_504() {
     assert_eq!(r.status(), 502);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"], "Bad Gateway");
-    assert!(v["details"].as_str().unwrap().contains("unavailable"), "{v}");
+    assert!(
+        v["details"].as_str().unwrap().contains("unavailable"),
+        "{v}"
+    );
 
     let up = EchoUpstream::start().await;
     let proxy = TestProxy::start(
@@ -313,7 +386,12 @@ async fn upstream_down_is_502_and_upstream_timeout_is_504() {
         },
     )
     .await;
-    let r = client().post(proxy.url("/api/sales")).body(SALE_NO_CUSTOMER).send().await.unwrap();
+    let r = client()
+        .post(proxy.url("/api/sales"))
+        .body(SALE_NO_CUSTOMER)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 504);
 }
 
@@ -321,6 +399,10 @@ async fn upstream_down_is_502_and_upstream_timeout_is_504() {
 async fn connect_requests_are_refused_clearly() {
     let up = EchoUpstream::start().await;
     let proxy = TestProxy::start(up.addr, Opts::default()).await;
-    let answer = roundtrip(proxy.addr, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nConnection: close\r\n\r\n").await;
+    let answer = roundtrip(
+        proxy.addr,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
 }

@@ -6,13 +6,23 @@ use pos_crm_proxy::demo::sample_pos::{InventoryMode, SamplePos, SamplePosOptions
 use serde_json::{json, Value};
 
 use crate::support::raw::RawUpstream;
-use crate::support::{client, normalise, post_sale, Opts, Stack, TestProxy, SALE_NO_CUSTOMER, SALE_WITH_CUSTOMER};
+use crate::support::{
+    client, normalise, post_sale, Opts, Stack, TestProxy, SALE_NO_CUSTOMER, SALE_WITH_CUSTOMER,
+};
 
 /// POSTs `body` straight to the POS (no proxy) for comparison.
 async fn direct(pos: &SamplePos, body: &str) -> (u16, Value) {
-    let r = client().post(format!("{}/api/sales", pos.url())).body(body.to_string()).send().await.unwrap();
+    let r = client()
+        .post(format!("{}/api/sales", pos.url()))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
     let status = r.status().as_u16();
-    (status, serde_json::from_str(&r.text().await.unwrap()).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_str(&r.text().await.unwrap()).unwrap_or(Value::Null),
+    )
 }
 
 #[tokio::test]
@@ -21,13 +31,25 @@ async fn pos_error_rows_pass_through_untouched_and_call_no_crm() {
     for (body, status) in [
         (r#"{"items":[],"total":5,"customerId":"customer-123"}"#, 400),
         ("[1,2]", 400),
-        (r#"{"items":[{"id":"a","price":1,"quantity":1}],"total":0,"customerId":"customer-123"}"#, 400),
-        (r#"{"items":[{"id":"a","price":1,"quantity":1}],"customerId":"customer-123"}"#, 400),
-        (r#"{"items":[{"id":"a","price":1,"quantity":1}],"total":-3}"#, 400),
+        (
+            r#"{"items":[{"id":"a","price":1,"quantity":1}],"total":0,"customerId":"customer-123"}"#,
+            400,
+        ),
+        (
+            r#"{"items":[{"id":"a","price":1,"quantity":1}],"customerId":"customer-123"}"#,
+            400,
+        ),
+        (
+            r#"{"items":[{"id":"a","price":1,"quantity":1}],"total":-3}"#,
+            400,
+        ),
         (r#"{"items": [bad json"#, 500),
         ("", 500),
         ("null", 500),
-        (r#"{"items":"abc","total":5,"customerId":"customer-123"}"#, 500),
+        (
+            r#"{"items":"abc","total":5,"customerId":"customer-123"}"#,
+            500,
+        ),
     ] {
         let (got_status, got, text) = s.sale(body).await;
         let (want_status, want) = direct(&s.pos, body).await;
@@ -41,7 +63,11 @@ async fn pos_error_rows_pass_through_untouched_and_call_no_crm() {
 
 #[tokio::test]
 async fn completed_sale_without_customer_only_gains_crm_status_null() {
-    for mode in [InventoryMode::NotConfigured, InventoryMode::AllOk, InventoryMode::Failing] {
+    for mode in [
+        InventoryMode::NotConfigured,
+        InventoryMode::AllOk,
+        InventoryMode::Failing,
+    ] {
         let s = Stack::start_with(
             SamplePosOptions {
                 inventory: mode,
@@ -55,9 +81,15 @@ async fn completed_sale_without_customer_only_gains_crm_status_null() {
         assert_eq!(status, want_status, "{mode:?}");
         assert!(text.ends_with(r#","crmStatus":null}"#), "{mode:?}: {text}");
         let mut got = got;
-        assert_eq!(got.as_object_mut().unwrap().remove("crmStatus"), Some(Value::Null));
+        assert_eq!(
+            got.as_object_mut().unwrap().remove("crmStatus"),
+            Some(Value::Null)
+        );
         assert_eq!(normalise(got), normalise(want), "{mode:?}");
-        assert!(s.crm.invoice_posts().is_empty(), "no customer: the CRM is never called");
+        assert!(
+            s.crm.invoice_posts().is_empty(),
+            "no customer: the CRM is never called"
+        );
     }
 }
 
@@ -75,15 +107,27 @@ async fn no_customer_answer_is_byte_identical_but_for_crm_status() {
     );
     let up = RawUpstream::start(response).await;
     let proxy = TestProxy::start(up.addr, Opts::default()).await;
-    let r = client().post(proxy.url("/api/sales")).body(SALE_NO_CUSTOMER).send().await.unwrap();
+    let r = client()
+        .post(proxy.url("/api/sales"))
+        .body(SALE_NO_CUSTOMER)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 207);
-    assert!(r.headers().get("etag").is_none(), "a stale validator must not survive a rewrite");
+    assert!(
+        r.headers().get("etag").is_none(),
+        "a stale validator must not survive a rewrite"
+    );
     let text = r.text().await.unwrap();
     let want = format!("{},\"crmStatus\":null}}", &BODY[..BODY.len() - 1]);
     assert_eq!(text, want);
     // the POS received the request unchanged but for asking for an unencoded answer
     let seen = up.requests.lock().unwrap()[0].clone();
-    assert!(seen.to_ascii_lowercase().contains("accept-encoding: identity"), "{seen}");
+    assert!(
+        seen.to_ascii_lowercase()
+            .contains("accept-encoding: identity"),
+        "{seen}"
+    );
 }
 
 #[tokio::test]
@@ -114,7 +158,10 @@ async fn sale_with_customer_creates_the_contract_invoice() {
     assert_eq!(post.path, "/api/external/invoices");
     assert_eq!(post.headers["x-api-key"], crate::support::KEY);
     assert_eq!(post.headers["content-type"], "application/json");
-    assert_eq!(post.headers["idempotency-key"], format!("pos-sale-{sale_id}").as_str());
+    assert_eq!(
+        post.headers["idempotency-key"],
+        format!("pos-sale-{sale_id}").as_str()
+    );
     let today = time::OffsetDateTime::now_utc().date().to_string();
     let want = json!({
         "customer_id": "customer-123", "customer": "John Doe", "amount": 11, "paid_amount": 11,
@@ -130,7 +177,11 @@ async fn sale_with_customer_creates_the_contract_invoice() {
     for (k, want_v) in want.as_object().unwrap() {
         assert_eq!(&got[k], want_v, "field {k}");
     }
-    assert_eq!(got.as_object().unwrap().len(), want.as_object().unwrap().len(), "{got}");
+    assert_eq!(
+        got.as_object().unwrap().len(),
+        want.as_object().unwrap().len(),
+        "{got}"
+    );
     // key order of the contract, too
     let raw = String::from_utf8(post.body.to_vec()).unwrap();
     assert!(raw.starts_with(r#"{"customer_id":"customer-123","customer":"John Doe","amount":11,"paid_amount":11,"currency":"USD","status":"paid","date":""#), "{raw}");
@@ -151,7 +202,10 @@ async fn created_invoice_names_itself_when_all_inventory_updates_worked() {
     let year = time::OffsetDateTime::now_utc().year();
     assert_eq!(
         v["message"],
-        format!("Sale completed successfully with inventory updates and CRM invoice INV-{year}-0001").as_str()
+        format!(
+            "Sale completed successfully with inventory updates and CRM invoice INV-{year}-0001"
+        )
+        .as_str()
     );
     assert!(v.get("warnings").is_none());
 }
@@ -164,24 +218,44 @@ async fn money_survives_the_rewrite_and_reaches_the_crm_as_written() {
     assert_eq!(status, 207);
     assert!(text.contains(r#""price":10.10"#), "POS bytes kept: {text}");
     let raw = String::from_utf8(s.crm.invoice_posts()[0].body.to_vec()).unwrap();
-    assert!(raw.contains(r#""amount":5.05,"paid_amount":5.05,"currency":"EUR""#), "{raw}");
-    assert!(raw.contains(r#""quantity":0.5,"price":10.10,"total":5.05"#), "{raw}");
+    assert!(
+        raw.contains(r#""amount":5.05,"paid_amount":5.05,"currency":"EUR""#),
+        "{raw}"
+    );
+    assert!(
+        raw.contains(r#""quantity":0.5,"price":10.10,"total":5.05"#),
+        "{raw}"
+    );
     assert!(raw.contains(r#""cost_price":6.05"#), "{raw}");
 }
 
 #[tokio::test]
 async fn customer_without_name_is_looked_up_cached_and_falls_back_to_the_id() {
     let s = Stack::start().await;
-    let sale = |id: &str| SALE_WITH_CUSTOMER.replace(r#""customerId":"customer-123","customerName":"John Doe","#, &format!(r#""customerId":"{id}","#));
+    let sale = |id: &str| {
+        SALE_WITH_CUSTOMER.replace(
+            r#""customerId":"customer-123","customerName":"John Doe","#,
+            &format!(r#""customerId":"{id}","#),
+        )
+    };
     let (_, v, _) = s.sale(&sale("customer-456")).await;
     assert_eq!(v["crmStatus"]["invoiceCreated"], true);
     let (_, v, _) = s.sale(&sale("customer-456")).await;
     assert_eq!(v["crmStatus"]["invoiceCreated"], true);
     let (_, v, _) = s.sale(&sale("walk-in-77")).await;
     assert_eq!(v["crmStatus"]["invoiceCreated"], true);
-    let names: Vec<String> = s.crm.invoices().iter().map(|i| i.body["customer"].as_str().unwrap().to_string()).collect();
+    let names: Vec<String> = s
+        .crm
+        .invoices()
+        .iter()
+        .map(|i| i.body["customer"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(names, ["Jane Smith", "Jane Smith", "walk-in-77"]);
-    assert_eq!(s.crm.customer_lookups(), ["customer-456", "walk-in-77"], "the name is cached");
+    assert_eq!(
+        s.crm.customer_lookups(),
+        ["customer-456", "walk-in-77"],
+        "the name is cached"
+    );
 }
 
 #[tokio::test]
@@ -203,11 +277,19 @@ async fn gzip_from_the_pos_is_decoded_before_the_rewrite() {
         .unwrap();
     assert_eq!(r.status(), 207);
     assert!(r.headers().get("content-encoding").is_none());
-    let len: usize = r.headers()["content-length"].to_str().unwrap().parse().unwrap();
+    let len: usize = r.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()[..len]).unwrap();
     assert_eq!(v["crmStatus"]["invoiceCreated"], true);
     // passthrough of a gzip answer stays gzip
-    let r = client().get(s.proxy.url("/api/sales")).send().await.unwrap();
+    let r = client()
+        .get(s.proxy.url("/api/sales"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 }
 
@@ -221,7 +303,11 @@ async fn non_json_success_from_the_pos_passes_untouched() {
 
 #[tokio::test]
 async fn integration_switched_off_is_pure_passthrough() {
-    let s = Stack::start_with(SamplePosOptions::default(), |o| Opts { enabled: false, ..o }).await;
+    let s = Stack::start_with(SamplePosOptions::default(), |o| Opts {
+        enabled: false,
+        ..o
+    })
+    .await;
     let (status, v, text) = s.sale(SALE_WITH_CUSTOMER).await;
     assert_eq!(status, 207);
     assert!(!text.contains("crmStatus"), "{text}");
@@ -237,7 +323,12 @@ async fn only_exact_configured_paths_are_intercepted() {
     })
     .await;
     // a query string does not change the path
-    let r = client().post(s.proxy.url("/api/sales?from=till-2")).body(SALE_WITH_CUSTOMER).send().await.unwrap();
+    let r = client()
+        .post(s.proxy.url("/api/sales?from=till-2"))
+        .body(SALE_WITH_CUSTOMER)
+        .send()
+        .await
+        .unwrap();
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["crmStatus"]["invoiceCreated"], true);
     assert_eq!(s.crm.invoices().len(), 1);
@@ -253,20 +344,40 @@ async fn client_hanging_up_does_not_cancel_the_invoice() {
         |o| o,
     )
     .await;
-    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(150)).build().unwrap();
-    let r = impatient.post(s.proxy.url("/api/sales")).body(SALE_WITH_CUSTOMER).send().await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(150))
+        .build()
+        .unwrap();
+    let r = impatient
+        .post(s.proxy.url("/api/sales"))
+        .body(SALE_WITH_CUSTOMER)
+        .send()
+        .await;
     assert!(r.is_err(), "the client gave up before the POS answered");
-    assert!(s.crm.wait_for_invoices(1, Duration::from_secs(10)).await, "the completed sale still got its invoice");
-    assert_eq!(s.crm.invoices()[0].pos_sale_id.as_deref(), Some(s.pos.completed_sales()[0].as_str()));
+    assert!(
+        s.crm.wait_for_invoices(1, Duration::from_secs(10)).await,
+        "the completed sale still got its invoice"
+    );
+    assert_eq!(
+        s.crm.invoices()[0].pos_sale_id.as_deref(),
+        Some(s.pos.completed_sales()[0].as_str())
+    );
 }
 
 #[tokio::test]
 async fn oversized_sale_request_is_forwarded_untouched_without_invoice() {
-    let s = Stack::start_with(SamplePosOptions::default(), |o| Opts { max_request_body: 64, ..o }).await;
+    let s = Stack::start_with(SamplePosOptions::default(), |o| Opts {
+        max_request_body: 64,
+        ..o
+    })
+    .await;
     let (status, v, text) = s.sale(SALE_WITH_CUSTOMER).await;
     assert_eq!(status, 207, "the POS still completed the sale");
     assert_eq!(v["success"], true);
     assert!(!text.contains("crmStatus"));
-    assert_eq!(s.pos.requests().last().unwrap().body, SALE_WITH_CUSTOMER.as_bytes());
+    assert_eq!(
+        s.pos.requests().last().unwrap().body,
+        SALE_WITH_CUSTOMER.as_bytes()
+    );
     assert!(s.crm.invoice_posts().is_empty());
 }

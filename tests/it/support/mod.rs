@@ -62,7 +62,11 @@ impl Opts {
 
     pub fn toml(&self, upstream: SocketAddr, data_dir: &Path) -> String {
         let (url, key) = self.crm.clone().unwrap_or_default();
-        let paths: Vec<String> = self.intercept_paths.iter().map(|p| format!("{p:?}")).collect();
+        let paths: Vec<String> = self
+            .intercept_paths
+            .iter()
+            .map(|p| format!("{p:?}"))
+            .collect();
         format!(
             r#"
 [proxy]
@@ -196,7 +200,10 @@ pub fn normalise(mut v: serde_json::Value) -> serde_json::Value {
         if let Some(r) = o.get_mut("saleRecord").and_then(|r| r.as_object_mut()) {
             r.remove("id");
             r.remove("timestamp");
-            if let Some(txs) = r.get_mut("inventoryTransactions").and_then(|t| t.as_array_mut()) {
+            if let Some(txs) = r
+                .get_mut("inventoryTransactions")
+                .and_then(|t| t.as_array_mut())
+            {
                 for t in txs {
                     if let Some(t) = t.as_object_mut() {
                         t.remove("transaction_id");

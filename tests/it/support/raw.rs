@@ -30,9 +30,18 @@ pub async fn read_until(s: &mut TcpStream, needle: &str) -> String {
     while !String::from_utf8_lossy(&out).contains(needle) {
         let n = tokio::time::timeout(READ_LIMIT, s.read(&mut buf))
             .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {needle:?}; got {:?}", String::from_utf8_lossy(&out)))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "timed out waiting for {needle:?}; got {:?}",
+                    String::from_utf8_lossy(&out)
+                )
+            })
             .unwrap();
-        assert!(n > 0, "EOF before {needle:?}; got {:?}", String::from_utf8_lossy(&out));
+        assert!(
+            n > 0,
+            "EOF before {needle:?}; got {:?}",
+            String::from_utf8_lossy(&out)
+        );
         out.extend_from_slice(&buf[..n]);
     }
     String::from_utf8_lossy(&out).into_owned()
@@ -60,7 +69,9 @@ impl RawUpstream {
         let r = requests.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut s, _)) = listener.accept().await else { return };
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
                 let r = r.clone();
                 tokio::spawn(async move {
                     let head = read_until(&mut s, "\r\n\r\n").await;
@@ -70,6 +81,10 @@ impl RawUpstream {
                 });
             }
         });
-        RawUpstream { addr, requests, task }
+        RawUpstream {
+            addr,
+            requests,
+            task,
+        }
     }
 }

@@ -52,7 +52,9 @@ impl EchoUpstream {
         let s = signals.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let s = s.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| handle(s.clone(), req));
@@ -63,7 +65,11 @@ impl EchoUpstream {
                 });
             }
         });
-        EchoUpstream { addr, signals, task }
+        EchoUpstream {
+            addr,
+            signals,
+            task,
+        }
     }
 }
 
@@ -73,34 +79,54 @@ fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<BoxBody> {
     r
 }
 
-async fn handle(signals: Arc<Signals>, mut req: Request<Incoming>) -> Result<Response<BoxBody>, Infallible> {
+async fn handle(
+    signals: Arc<Signals>,
+    mut req: Request<Incoming>,
+) -> Result<Response<BoxBody>, Infallible> {
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     if path.starts_with("/echo") {
         let headers: Vec<(String, String)> = req
             .headers()
             .iter()
-            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect();
         let method = req.method().to_string();
         let uri = req.uri().to_string();
         let version = format!("{:?}", req.version());
-        let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
         let v = serde_json::json!({
             "method": method, "uri": uri, "version": version, "headers": headers,
             "body": String::from_utf8_lossy(&body),
         });
         let mut r = full(StatusCode::OK, v.to_string());
-        r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+        r.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
         r.headers_mut().insert("etag", "\"abc\"".parse().unwrap());
         return Ok(r);
     }
     if let Some(code) = path.strip_prefix("/status/") {
-        let status = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = if matches!(status.as_u16(), 204 | 304) { Bytes::new() } else { Bytes::from(format!("status {code}")) };
+        let status = StatusCode::from_u16(code.parse().unwrap_or(500))
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = if matches!(status.as_u16(), 204 | 304) {
+            Bytes::new()
+        } else {
+            Bytes::from(format!("status {code}"))
+        };
         let mut r = full(status, body);
         if status.is_redirection() {
-            r.headers_mut().insert("location", "/elsewhere".parse().unwrap());
+            r.headers_mut()
+                .insert("location", "/elsewhere".parse().unwrap());
         }
         r.headers_mut().insert("x-upstream", "yes".parse().unwrap());
         return Ok(r);
@@ -111,7 +137,9 @@ async fn handle(signals: Arc<Signals>, mut req: Request<Incoming>) -> Result<Res
         let mut first = true;
         let mut pattern_ok = true;
         while let Some(frame) = body.frame().await {
-            let Ok(frame) = frame else { return Ok(full(StatusCode::BAD_REQUEST, "broken body")) };
+            let Ok(frame) = frame else {
+                return Ok(full(StatusCode::BAD_REQUEST, "broken body"));
+            };
             if let Ok(data) = frame.into_data() {
                 if first && !data.is_empty() {
                     first = false;
@@ -124,7 +152,10 @@ async fn handle(signals: Arc<Signals>, mut req: Request<Incoming>) -> Result<Res
                 }
             }
         }
-        return Ok(full(StatusCode::OK, serde_json::json!({"bytes": n, "sum": sum, "pattern_ok": pattern_ok}).to_string()));
+        return Ok(full(
+            StatusCode::OK,
+            serde_json::json!({"bytes": n, "sum": sum, "pattern_ok": pattern_ok}).to_string(),
+        ));
     }
     if path == "/download" {
         let total: u64 = query
@@ -151,7 +182,8 @@ async fn handle(signals: Arc<Signals>, mut req: Request<Incoming>) -> Result<Res
             }
         });
         let mut r = Response::new(rx.boxed());
-        r.headers_mut().insert("content-type", "application/octet-stream".parse().unwrap());
+        r.headers_mut()
+            .insert("content-type", "application/octet-stream".parse().unwrap());
         return Ok(r);
     }
     if path == "/ws" {
@@ -175,8 +207,10 @@ async fn handle(signals: Arc<Signals>, mut req: Request<Incoming>) -> Result<Res
             }
         });
         let mut r = full(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
-        r.headers_mut().insert("upgrade", "websocket".parse().unwrap());
-        r.headers_mut().insert("connection", "Upgrade".parse().unwrap());
+        r.headers_mut()
+            .insert("upgrade", "websocket".parse().unwrap());
+        r.headers_mut()
+            .insert("connection", "Upgrade".parse().unwrap());
         return Ok(r);
     }
     if path == "/hang" {
