@@ -16,6 +16,7 @@ use crate::admin::{Admin, Readiness};
 use crate::config::Config;
 use crate::crm::CrmClient;
 use crate::invoice::Invoicer;
+use crate::outbox::{Clock, Outbox};
 use crate::sales::{SalesContext, SalesLayer};
 use crate::server::{serve, Shutdown};
 use crate::upstream::Upstream;
@@ -32,6 +33,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Crm(#[from] crate::crm::BuildError),
+    #[error(transparent)]
+    Outbox(#[from] crate::outbox::store::StoreError),
 }
 
 /// A running proxy.
@@ -39,7 +42,10 @@ pub struct App {
     proxy_addr: SocketAddr,
     admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    servers: Vec<JoinHandle<()>>,
+    worker: JoinHandle<()>,
+    outbox: Arc<Outbox>,
+    grace: Duration,
 }
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
@@ -70,7 +76,18 @@ impl App {
             })?;
 
         let crm = Arc::new(CrmClient::new(&config.crm)?);
-        let invoicer = Invoicer::new(crm, config.crm.sync_budget, &config.sales.default_currency);
+        let outbox = Arc::new(Outbox::open(
+            &config.data_dir,
+            config.outbox.clone(),
+            crm.clone(),
+            Clock::new(),
+        )?);
+        let invoicer = Invoicer::new(
+            crm,
+            outbox.clone(),
+            config.crm.sync_budget,
+            &config.sales.default_currency,
+        );
         let upstream = Upstream::new(&config.upstream);
 
         // Outermost first: the access log sees the final status (after the sale rewrite);
@@ -85,15 +102,20 @@ impl App {
         let readiness = Arc::new(Readiness::default());
         let (stop, shutdown) = Shutdown::new();
         let grace = config.shutdown_grace;
-        let tasks = vec![
+        let servers = vec![
             tokio::spawn(serve(proxy_listener, proxy, shutdown.clone(), grace)),
             tokio::spawn(serve(
                 admin_listener,
-                Admin::new(readiness.clone()),
-                shutdown,
+                Admin::new(
+                    readiness.clone(),
+                    outbox.clone(),
+                    config.admin_token.clone(),
+                ),
+                shutdown.clone(),
                 Duration::from_secs(1),
             )),
         ];
+        let worker = tokio::spawn(outbox.clone().run_worker(shutdown));
         readiness.proxy_listening.store(true, Ordering::Release);
         tracing::info!(
             listen = %proxy_addr,
@@ -101,13 +123,17 @@ impl App {
             upstream = %format!("{}://{}", config.upstream.scheme, config.upstream.authority),
             crm_enabled = config.crm.enabled,
             crm_configured = config.crm.endpoint.is_some(),
+            outbox = %config.data_dir.display(),
             "pos-crm-proxy started"
         );
         Ok(App {
             proxy_addr,
             admin_addr,
             stop,
-            tasks,
+            servers,
+            worker,
+            outbox,
+            grace,
         })
     }
 
@@ -119,11 +145,19 @@ impl App {
         self.admin_addr
     }
 
-    /// Stops accepting, lets in-flight requests finish (within the grace period), and returns.
+    /// The outbox, for tests and the admin listener.
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
+    /// Stops accepting, lets in-flight requests finish (within the grace period), lets running
+    /// deliveries finish or puts their jobs back to pending, and returns.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        for task in self.tasks {
+        for task in self.servers {
             let _ = task.await;
         }
+        let _ = self.worker.await;
+        self.outbox.shutdown(self.grace).await;
     }
 }

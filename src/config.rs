@@ -13,6 +13,10 @@ use http::uri::{Authority, Scheme};
 use http::Uri;
 use serde::Deserialize;
 
+use crate::outbox::breaker::BreakerConfig;
+use crate::outbox::schedule::RetryPolicy;
+use crate::outbox::OutboxConfig;
+
 /// The environment variables that override the file, in the order they are applied.
 pub const ENV_OVERRIDES: &[&str] = &[
     "POS_UPSTREAM_URL",
@@ -23,6 +27,7 @@ pub const ENV_OVERRIDES: &[&str] = &[
     "CRM_API_KEY",
     "CRM_INTEGRATION_ENABLED",
     "PROXY_LOG_LEVEL",
+    "PROXY_ADMIN_TOKEN",
 ];
 
 /// A configuration problem, with the key (or variable) it is about.
@@ -77,16 +82,27 @@ struct RawConfig {
     sales: RawSales,
     crm: RawCrm,
     storage: RawStorage,
+    outbox: RawOutbox,
     log: RawLog,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawProxy {
     listen: String,
     admin_listen: String,
+    admin_token: String,
     access_log: bool,
     shutdown_grace_ms: u64,
+}
+
+impl fmt::Debug for RawProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawProxy")
+            .field("listen", &self.listen)
+            .field("admin_listen", &self.admin_listen)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for RawProxy {
@@ -94,6 +110,7 @@ impl Default for RawProxy {
         RawProxy {
             listen: "127.0.0.1:8080".into(),
             admin_listen: "127.0.0.1:9090".into(),
+            admin_token: String::new(),
             access_log: true,
             shutdown_grace_ms: 10_000,
         }
@@ -193,6 +210,39 @@ impl Default for RawStorage {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+struct RawOutbox {
+    synchronous_full: bool,
+    retry_schedule_ms: Vec<u64>,
+    max_age_ms: u64,
+    jitter: f64,
+    retry_after_cap_ms: u64,
+    drain_rate_per_sec: f64,
+    breaker_failure_threshold: u32,
+    breaker_open_ms: u64,
+    breaker_max_open_ms: u64,
+    poll_interval_ms: u64,
+}
+
+impl Default for RawOutbox {
+    fn default() -> Self {
+        let d = RetryPolicy::default();
+        RawOutbox {
+            synchronous_full: true,
+            retry_schedule_ms: d.steps.iter().map(|s| s.as_millis() as u64).collect(),
+            max_age_ms: d.max_age.as_millis() as u64,
+            jitter: d.jitter,
+            retry_after_cap_ms: d.retry_after_cap.as_millis() as u64,
+            drain_rate_per_sec: 10.0,
+            breaker_failure_threshold: 5,
+            breaker_open_ms: 30_000,
+            breaker_max_open_ms: 300_000,
+            poll_interval_ms: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 struct RawLog {
     level: String,
     format: String,
@@ -214,6 +264,8 @@ impl Default for RawLog {
 pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// Bearer token for the admin listener's write endpoints; without it they are refused.
+    pub admin_token: Option<Secret>,
     /// One log line per proxied request.
     pub access_log: bool,
     /// How long in-flight requests may take to finish after a shutdown signal.
@@ -222,6 +274,7 @@ pub struct Config {
     pub sales: SalesConfig,
     pub crm: CrmConfig,
     pub data_dir: PathBuf,
+    pub outbox: OutboxConfig,
     pub log: LogConfig,
 }
 
@@ -369,6 +422,9 @@ fn apply_env(raw: &mut RawConfig, env: &dyn Env) -> Result<(), ConfigError> {
     }
     if let Some(v) = env.var("PROXY_LOG_LEVEL") {
         raw.log.level = v;
+    }
+    if let Some(v) = env.var("PROXY_ADMIN_TOKEN") {
+        raw.proxy.admin_token = v;
     }
     Ok(())
 }
@@ -527,6 +583,72 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         customer_cache_ttl: Duration::from_millis(raw.crm.customer_cache_ttl_ms),
     };
 
+    let o = &raw.outbox;
+    if o.retry_schedule_ms.is_empty() || o.retry_schedule_ms.contains(&0) {
+        return Err(invalid(
+            "outbox.retry_schedule_ms",
+            "needs at least one delay, each greater than 0",
+        ));
+    }
+    if !(0.0..1.0).contains(&o.jitter) {
+        return Err(invalid(
+            "outbox.jitter",
+            "must be at least 0 and below 1 (0.2 = ±20 %)",
+        ));
+    }
+    if !(o.drain_rate_per_sec > 0.0 && o.drain_rate_per_sec.is_finite()) {
+        return Err(invalid(
+            "outbox.drain_rate_per_sec",
+            "must be greater than 0",
+        ));
+    }
+    if o.breaker_failure_threshold == 0 {
+        return Err(invalid(
+            "outbox.breaker_failure_threshold",
+            "must be greater than 0",
+        ));
+    }
+    let breaker_open = millis("outbox.breaker_open_ms", o.breaker_open_ms)?;
+    let breaker_max_open = millis("outbox.breaker_max_open_ms", o.breaker_max_open_ms)?;
+    if breaker_max_open < breaker_open {
+        return Err(invalid(
+            "outbox.breaker_max_open_ms",
+            "must not be below outbox.breaker_open_ms",
+        ));
+    }
+    // A claimed job belongs to its claimer for longer than one CRM call can take.
+    let lease = crm.timeout + crm.connect_timeout + Duration::from_secs(10);
+    let outbox = OutboxConfig {
+        synchronous_full: o.synchronous_full,
+        retry: RetryPolicy {
+            steps: o
+                .retry_schedule_ms
+                .iter()
+                .map(|ms| Duration::from_millis(*ms))
+                .collect(),
+            max_age: millis("outbox.max_age_ms", o.max_age_ms)?,
+            jitter: o.jitter,
+            retry_after_cap: millis("outbox.retry_after_cap_ms", o.retry_after_cap_ms)?,
+        },
+        breaker: BreakerConfig {
+            failure_threshold: o.breaker_failure_threshold,
+            open_for: breaker_open,
+            max_open_for: breaker_max_open,
+            probe_timeout: lease,
+        },
+        lease,
+        drain_rate_per_sec: o.drain_rate_per_sec,
+        poll_interval: millis("outbox.poll_interval_ms", o.poll_interval_ms)?,
+    };
+    let admin_token = raw.proxy.admin_token.trim().to_string();
+    if admin_token.contains(|c: char| c.is_control() || c == ' ') {
+        return Err(invalid(
+            "proxy.admin_token",
+            "must not contain spaces or control characters",
+        ));
+    }
+    let admin_token = (!admin_token.is_empty()).then(|| Secret::new(admin_token));
+
     if raw.storage.data_dir.trim().is_empty() {
         return Err(invalid("storage.data_dir", "must not be empty"));
     }
@@ -553,12 +675,14 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     Ok(Config {
         listen,
         admin_listen,
+        admin_token,
         access_log: raw.proxy.access_log,
         shutdown_grace: millis("proxy.shutdown_grace_ms", raw.proxy.shutdown_grace_ms)?,
         upstream,
         sales,
         crm,
         data_dir: PathBuf::from(raw.storage.data_dir),
+        outbox,
         log: LogConfig {
             level: raw.log.level,
             format,
@@ -591,6 +715,10 @@ mod tests {
         assert!(c.crm.enabled);
         assert!(c.crm.endpoint.is_none());
         assert_eq!(c.sales.default_currency, "USD");
+        assert_eq!(c.outbox.retry, RetryPolicy::default());
+        assert!(c.outbox.synchronous_full);
+        assert!(c.outbox.lease > c.crm.timeout);
+        assert!(c.admin_token.is_none());
     }
 
     #[test]
@@ -629,6 +757,19 @@ mod tests {
             ),
             ("[log]\nformat = \"xml\"\n", "log.format"),
             ("[log]\nlevel = \"loud=[\"\n", "log.level"),
+            (
+                "[outbox]\nretry_schedule_ms = []\n",
+                "outbox.retry_schedule_ms",
+            ),
+            ("[outbox]\njitter = 1.5\n", "outbox.jitter"),
+            (
+                "[outbox]\ndrain_rate_per_sec = 0.0\n",
+                "outbox.drain_rate_per_sec",
+            ),
+            (
+                "[outbox]\nbreaker_max_open_ms = 10\n",
+                "outbox.breaker_max_open_ms",
+            ),
         ] {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(key), "{text:?} gave {err}");
@@ -680,6 +821,13 @@ mod tests {
         let c = Config::from_toml("", Path::new("t"), &e).unwrap();
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("sk-very-secret"), "{dbg}");
+        let e = env(&[("PROXY_ADMIN_TOKEN", "admin-very-secret")]);
+        let c = Config::from_toml("", Path::new("t"), &e).unwrap();
+        assert_eq!(
+            c.admin_token.as_ref().unwrap().expose(),
+            "admin-very-secret"
+        );
+        assert!(!format!("{c:?}").contains("admin-very-secret"));
         assert!(dbg.contains("redacted"));
         let raw: RawConfig = toml::from_str("[crm]\napi_key = \"sk-very-secret\"\n").unwrap();
         assert!(!format!("{raw:?}").contains("sk-very-secret"));

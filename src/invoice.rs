@@ -1,15 +1,14 @@
-//! Turning a completed sale into an invoice, within the time a till can wait.
-//!
-//! The delivery runs as its own task: if the client hangs up, or the sale's budget runs out, the
-//! CRM call still finishes. The sale's response waits for it at most `sync_budget`.
+//! Turning a completed sale into an invoice request: the customer's name, the frozen payload,
+//! the idempotency key. The outbox makes it durable and delivers it; the sale's answer waits for
+//! that at most `sync_budget`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::crm::{CreatedInvoice, CrmClient, CrmError};
+use crate::crm::CrmClient;
+use crate::outbox::Outbox;
 use crate::sales::model::{CrmStatus, InvoicePayload, Sale};
 
 /// A completed sale with a customer, ready to become an invoice.
@@ -42,74 +41,45 @@ pub fn outcome_label(status: &CrmStatus) -> &'static str {
     }
 }
 
-/// Creates invoices for completed sales.
+/// Creates invoices for completed sales, through the durable outbox.
 #[derive(Debug, Clone)]
 pub struct Invoicer {
     crm: Arc<CrmClient>,
+    outbox: Arc<Outbox>,
     budget: Duration,
     default_currency: Arc<str>,
 }
 
 impl Invoicer {
-    pub fn new(crm: Arc<CrmClient>, budget: Duration, default_currency: &str) -> Self {
+    pub fn new(
+        crm: Arc<CrmClient>,
+        outbox: Arc<Outbox>,
+        budget: Duration,
+        default_currency: &str,
+    ) -> Self {
         Invoicer {
             crm,
+            outbox,
             budget,
             default_currency: default_currency.into(),
         }
     }
 
-    /// Creates the invoice for `req` and reports, within the budget, what the till should see.
+    /// Freezes the invoice for `req`, makes it durable, and reports within the budget what the
+    /// till should see. Delivery goes on after the budget if it has to.
     pub async fn invoice(&self, req: InvoiceRequest) -> CrmStatus {
         let deadline = Instant::now() + self.budget;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let this = self.clone();
-        let sale_id = req.sale_id.clone();
-        tokio::spawn(async move {
-            let result = this.deliver(req, deadline).await;
-            match &result {
-                Ok(inv) => tracing::info!(
-                    sale_id = %sale_id,
-                    invoice_number = inv.invoice_number.as_deref().unwrap_or("-"),
-                    "CRM invoice created"
-                ),
-                Err(e) => tracing::warn!(sale_id = %sale_id, error = %e, "CRM invoice not created"),
-            }
-            let _ = tx.send(result);
-        });
-        match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(Ok(inv))) => CrmStatus::created(inv.invoice_id, inv.invoice_number),
-            Ok(Ok(Err(e))) => CrmStatus::failed(e.service_available(), e.to_string()),
-            Ok(Err(_)) => CrmStatus::failed(true, "internal error: invoice task ended without a result"),
-            Err(_) => CrmStatus::failed(
-                false,
-                format!(
-                    "CRM did not answer within {} ms; the invoice request continues in the background",
-                    self.budget.as_millis()
-                ),
-            ),
-        }
-    }
-
-    /// Resolves the customer's name (within what is left of the budget), freezes the payload
-    /// and sends it.
-    async fn deliver(
-        &self,
-        req: InvoiceRequest,
-        deadline: Instant,
-    ) -> Result<CreatedInvoice, CrmError> {
-        if !self.crm.is_configured() {
-            return Err(CrmError::NotConfigured);
-        }
         let customer = match &req.sale.customer_name {
             Some(name) => name.clone(),
-            None => {
-                let left = deadline.saturating_duration_since(Instant::now());
+            None if self.crm.is_configured() => {
+                // At most half the budget for the name: the invoice itself needs the rest.
+                let within = self.budget / 2;
                 self.crm
-                    .customer_name(&req.customer_id, left)
+                    .customer_name(&req.customer_id, within)
                     .await
                     .unwrap_or_else(|| req.customer_id.clone())
             }
+            None => req.customer_id.clone(),
         };
         let payload = InvoicePayload::build(
             &req.sale,
@@ -119,10 +89,20 @@ impl Invoicer {
             &req.date,
             &self.default_currency,
         );
-        let body = serde_json::to_vec(&payload)
-            .map_err(|e| CrmError::Other(format!("invoice payload: {e}")))?;
-        self.crm
-            .create_invoice(Bytes::from(body), &idempotency_key(&req.sale_id))
+        let body = match serde_json::to_vec(&payload) {
+            Ok(body) => body,
+            Err(e) => {
+                return CrmStatus::failed(true, format!("internal error: invoice payload: {e}"))
+            }
+        };
+        self.outbox
+            .submit(
+                &req.sale_id,
+                &idempotency_key(&req.sale_id),
+                body,
+                deadline,
+                self.budget,
+            )
             .await
     }
 }

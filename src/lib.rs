@@ -14,6 +14,7 @@ pub mod encoding;
 pub mod error;
 pub mod invoice;
 pub mod json;
+pub mod outbox;
 pub mod sales;
 pub mod server;
 pub mod tls;

@@ -34,6 +34,11 @@ impl Shutdown {
         (tx, Shutdown(rx))
     }
 
+    /// Whether shutdown was requested.
+    pub fn is_requested(&self) -> bool {
+        *self.0.borrow()
+    }
+
     /// Resolves when shutdown was requested (or its sender is gone).
     pub async fn requested(&mut self) {
         let _ = self.0.wait_for(|stop| *stop).await;

@@ -1,0 +1,525 @@
+//! The durable outbox: no invoice is lost, none is created twice.
+//!
+//! A completed sale with a customer becomes a job, committed to SQLite *before* the till gets
+//! its answer. One delivery attempt runs inline within the sale's budget; whatever it does not
+//! finish, the background [`worker`] finishes: retries on a schedule, a circuit breaker while
+//! the CRM is down, a hold when the CRM refuses our key, `dead` when retrying cannot help.
+//! Every attempt for a sale carries the same `Idempotency-Key`, and a delivered job is never
+//! sent again.
+
+pub mod breaker;
+pub mod schedule;
+pub mod store;
+pub mod worker;
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio_util::task::TaskTracker;
+
+use self::breaker::{Breaker, BreakerConfig, Permit, Signal, Transition};
+use self::schedule::RetryPolicy;
+use self::store::{Enqueued, Job, State, Stats, Store, StoreError};
+use crate::crm::{CreatedInvoice, CrmClient, CrmError, Retry};
+use crate::sales::model::CrmStatus;
+
+/// Sends an invoice to the CRM. The real one is [`CrmClient`]; tests script their own.
+pub trait Sender: Send + Sync + 'static {
+    /// Whether a CRM is configured at all (if not, jobs wait without burning attempts).
+    fn configured(&self) -> bool;
+    fn send<'a>(
+        &'a self,
+        payload: Bytes,
+        idempotency_key: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<CreatedInvoice, CrmError>> + Send + 'a>>;
+}
+
+impl Sender for CrmClient {
+    fn configured(&self) -> bool {
+        self.is_configured()
+    }
+    fn send<'a>(
+        &'a self,
+        payload: Bytes,
+        idempotency_key: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<CreatedInvoice, CrmError>> + Send + 'a>> {
+        Box::pin(self.create_invoice(payload, idempotency_key))
+    }
+}
+
+/// Wall-clock milliseconds that follow tokio's clock, so paused-time tests drive the schedule.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    base_unix_ms: i64,
+    base: tokio::time::Instant,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        Clock {
+            base_unix_ms: unix,
+            base: tokio::time::Instant::now(),
+        }
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.base_unix_ms + self.base.elapsed().as_millis() as i64
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The outbox settings (`[outbox]` in the config).
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    pub synchronous_full: bool,
+    pub retry: RetryPolicy,
+    pub breaker: BreakerConfig,
+    /// A claimed job belongs to its claimer this long; longer than one CRM call.
+    pub lease: Duration,
+    /// Backlog deliveries per second at most.
+    pub drain_rate_per_sec: f64,
+    /// How often the worker looks for work it was not told about (an operator's replay).
+    pub poll_interval: Duration,
+}
+
+/// The outbox file is in use by the async runtime: SQLite calls run on blocking threads.
+struct Db {
+    store: Arc<Mutex<Store>>,
+    /// Run SQLite on the calling thread (paused-time tests, where blocking threads would let
+    /// tokio's clock jump) instead of `spawn_blocking`.
+    inline: bool,
+    writable: AtomicBool,
+}
+
+fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
+    store.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Db {
+    async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let result = if self.inline {
+            f(&mut lock(&self.store))
+        } else {
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || f(&mut lock(&store)))
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())))
+        };
+        match &result {
+            Ok(_) => self.writable.store(true, Ordering::Relaxed),
+            Err(e) => {
+                self.writable.store(false, Ordering::Relaxed);
+                tracing::error!(error = %e, "outbox store failed");
+            }
+        }
+        result
+    }
+}
+
+/// How one delivery attempt ended.
+#[derive(Debug, Clone)]
+pub enum Attempt {
+    Delivered(CreatedInvoice),
+    /// Will be retried at the next scheduled time.
+    Retrying(CrmError),
+    /// The whole queue waits for an operator (the CRM refused our credentials).
+    Held(CrmError),
+    /// Will not be retried: refused for good, or out of time.
+    Dead(String, bool),
+}
+
+/// What readiness and operators see.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Health {
+    pub writable: bool,
+    pub held: bool,
+    pub circuit: &'static str,
+    pub crm_configured: bool,
+    #[serde(flatten)]
+    pub stats: Stats,
+    pub depth: u64,
+    pub oldest_waiting_age_ms: Option<i64>,
+}
+
+/// The outbox: store, delivery and the state shared with the worker.
+pub struct Outbox {
+    db: Db,
+    sender: Arc<dyn Sender>,
+    breaker: Mutex<Breaker>,
+    cfg: OutboxConfig,
+    clock: Clock,
+    held: AtomicBool,
+    /// Wakes the worker (new work, recovery).
+    wake: Notify,
+    /// Every delivery attempt, so shutdown can wait for them.
+    tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outbox {
+    /// Opens the outbox in `data_dir`.
+    pub fn open(
+        data_dir: &Path,
+        cfg: OutboxConfig,
+        sender: Arc<dyn Sender>,
+        clock: Clock,
+    ) -> Result<Outbox, StoreError> {
+        let store = Store::open(data_dir, cfg.synchronous_full)?;
+        let held = store.any_held()?;
+        Ok(Outbox {
+            db: Db {
+                store: Arc::new(Mutex::new(store)),
+                inline: false,
+                writable: AtomicBool::new(true),
+            },
+            sender,
+            breaker: Mutex::new(Breaker::new(cfg.breaker)),
+            cfg,
+            clock,
+            held: AtomicBool::new(held),
+            wake: Notify::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// Runs SQLite on the calling thread instead of blocking threads (for paused-time tests).
+    pub fn with_inline_store(mut self) -> Self {
+        self.db.inline = true;
+        self
+    }
+
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    fn breaker(&self) -> MutexGuard<'_, Breaker> {
+        self.breaker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the invoice for a completed sale durable, tries to deliver it by `deadline` (the
+    /// end of the sale's `budget`), and says what the till should see. The attempt is never
+    /// cancelled by the deadline.
+    pub async fn submit(
+        self: &Arc<Self>,
+        sale_id: &str,
+        idempotency_key: &str,
+        payload: Vec<u8>,
+        deadline: tokio::time::Instant,
+        budget: Duration,
+    ) -> CrmStatus {
+        let now = self.clock.now_ms();
+        let blocked = self.blocked_reason(now);
+        let lease_until = blocked
+            .is_none()
+            .then(|| now + self.cfg.lease.as_millis() as i64);
+        let (sale, key) = (sale_id.to_string(), idempotency_key.to_string());
+        let enqueued = self
+            .db
+            .call(move |s| s.enqueue(&sale, &key, &payload, now, lease_until))
+            .await;
+        let job = match enqueued {
+            Err(e) => {
+                // Not durable: say so. The sale itself stands; the log has the error.
+                return failed(
+                    true,
+                    format!("invoice not queued: outbox unavailable ({e})"),
+                    false,
+                );
+            }
+            Ok(Enqueued::Existing(job)) => return status_of_existing(&job),
+            Ok(Enqueued::New(job)) => job,
+        };
+        if let Some(reason) = blocked {
+            self.wake.notify_one();
+            return failed(false, reason, true);
+        }
+        let this = self.clone();
+        let attempt = self.tasks.spawn(async move { this.attempt(job).await });
+        match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(Ok(result)) => status_of_attempt(&result),
+            Ok(Err(_)) => failed(
+                true,
+                "internal error: delivery task failed; invoice queued".to_string(),
+                true,
+            ),
+            Err(_) => failed(
+                false,
+                format!(
+                    "CRM did not answer within {} ms; invoice queued for delivery",
+                    budget.as_millis()
+                ),
+                true,
+            ),
+        }
+    }
+
+    /// Why an inline attempt should not be made now, if it should not.
+    fn blocked_reason(&self, now: i64) -> Option<String> {
+        if !self.sender.configured() {
+            return Some(CrmError::NotConfigured.to_string());
+        }
+        if self.held.load(Ordering::Relaxed) {
+            return Some(
+                "CRM refused the API key; invoices are held until an operator fixes the key and replays them"
+                    .into(),
+            );
+        }
+        match self.breaker().permit(now) {
+            Permit::Go | Permit::Probe => None,
+            Permit::Wait(_) => Some(
+                "CRM unavailable (circuit open after repeated failures); invoice queued".into(),
+            ),
+        }
+    }
+
+    /// Sends one claimed job and records the outcome.
+    async fn attempt(&self, job: Job) -> Attempt {
+        let result = self
+            .sender
+            .send(Bytes::from(job.payload.clone()), &job.idempotency_key)
+            .await;
+        let now = self.clock.now_ms();
+        let id = job.id;
+        let attempt = match result {
+            Ok(inv) => {
+                let (iid, num) = (inv.invoice_id.clone(), inv.invoice_number.clone());
+                let _ = self
+                    .db
+                    .call(move |s| s.mark_delivered(id, iid.as_deref(), num.as_deref(), now))
+                    .await;
+                Attempt::Delivered(inv)
+            }
+            Err(e) => match e.retry() {
+                Retry::Later => {
+                    let next = self.cfg.retry.next_attempt_at(
+                        now,
+                        job.cycle_started_at,
+                        job.attempts,
+                        e.retry_after(),
+                        fastrand::f64(),
+                    );
+                    let (msg, status) = (e.to_string(), status_code(&e));
+                    match next {
+                        Some(at) => {
+                            let _ = self
+                                .db
+                                .call(move |s| s.mark_retry(id, &msg, status, at, now))
+                                .await;
+                            Attempt::Retrying(e)
+                        }
+                        None => {
+                            let msg =
+                                format!("gave up after {} attempts: {msg}", job.total_attempts);
+                            let m = msg.clone();
+                            let _ = self
+                                .db
+                                .call(move |s| s.mark_stopped(id, State::Dead, &m, status, now))
+                                .await;
+                            Attempt::Dead(msg, e.service_available())
+                        }
+                    }
+                }
+                Retry::Hold => {
+                    let (msg, status) = (e.to_string(), status_code(&e));
+                    let _ = self
+                        .db
+                        .call(move |s| s.mark_stopped(id, State::Held, &msg, status, now))
+                        .await;
+                    if !self.held.swap(true, Ordering::Relaxed) {
+                        tracing::error!(error = %e, "CRM refused the API key: the invoice queue is held until an operator fixes the key and runs `outbox retry --all-held`");
+                    }
+                    Attempt::Held(e)
+                }
+                Retry::Never => {
+                    let (msg, status) = (e.to_string(), status_code(&e));
+                    let _ = self
+                        .db
+                        .call(move |s| s.mark_stopped(id, State::Dead, &msg, status, now))
+                        .await;
+                    Attempt::Dead(e.to_string(), e.service_available())
+                }
+            },
+        };
+        let signal = match &attempt {
+            Attempt::Retrying(_) => Signal::Down,
+            _ => Signal::Up,
+        };
+        let transition = self.breaker().record(signal, now);
+        match transition {
+            Transition::Opened => tracing::warn!("CRM looks down: circuit open, deliveries paused"),
+            Transition::Recovered => {
+                tracing::info!("CRM answers again: draining the backlog oldest first");
+                let _ = self.db.call(move |s| s.make_pending_due(now)).await;
+                self.wake.notify_one();
+            }
+            Transition::None => {}
+        }
+        match &attempt {
+            Attempt::Delivered(inv) => tracing::info!(
+                sale_id = %job.sale_id,
+                attempt = job.total_attempts,
+                invoice_number = inv.invoice_number.as_deref().unwrap_or("-"),
+                "CRM invoice created"
+            ),
+            Attempt::Retrying(e) => {
+                tracing::warn!(sale_id = %job.sale_id, attempt = job.total_attempts, error = %e, "CRM invoice not created; will retry")
+            }
+            Attempt::Held(e) => {
+                tracing::warn!(sale_id = %job.sale_id, error = %e, "CRM invoice held")
+            }
+            Attempt::Dead(e, _) => {
+                tracing::error!(sale_id = %job.sale_id, error = %e, "CRM invoice dead; replay with `outbox retry`")
+            }
+        }
+        attempt
+    }
+
+    /// Readiness and operator view.
+    pub async fn health(&self) -> Health {
+        let stats = self.db.call(|s| s.stats()).await.unwrap_or_default();
+        let now = self.clock.now_ms();
+        Health {
+            writable: self.db.writable.load(Ordering::Relaxed),
+            held: self.held.load(Ordering::Relaxed),
+            circuit: self.breaker().state_name(),
+            crm_configured: self.sender.configured(),
+            depth: stats.depth(),
+            oldest_waiting_age_ms: stats.oldest_waiting_created_at.map(|t| (now - t).max(0)),
+            stats,
+        }
+    }
+
+    /// One sale's job.
+    pub async fn get(&self, sale_id: &str) -> Result<Option<Job>, StoreError> {
+        let id = sale_id.to_string();
+        self.db.call(move |s| s.get(&id)).await
+    }
+
+    /// Jobs for the admin listener, newest first.
+    pub async fn list(&self, state: Option<State>, limit: usize) -> Result<Vec<Job>, StoreError> {
+        self.db.call(move |s| s.list(state, limit)).await
+    }
+
+    /// An operator's replay through the admin listener.
+    pub async fn retry(&self, target: RetryTarget) -> Result<usize, StoreError> {
+        let now = self.clock.now_ms();
+        let n = match target {
+            RetryTarget::Sale(id) => {
+                self.db
+                    .call(move |s| {
+                        Ok(s.retry(&id, now)?
+                            .map_or(0, |j| usize::from(j.state == State::Pending)))
+                    })
+                    .await?
+            }
+            RetryTarget::All(state) => self.db.call(move |s| s.retry_all(state, now)).await?,
+        };
+        self.refresh_held().await;
+        self.wake.notify_one();
+        Ok(n)
+    }
+
+    async fn refresh_held(&self) -> bool {
+        let held = self.db.call(|s| s.any_held()).await.unwrap_or(false);
+        self.held.store(held, Ordering::Relaxed);
+        held
+    }
+
+    /// Waits for running delivery attempts (at most `grace`), then puts whatever is still in
+    /// flight back to `pending` for the next start.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.tasks.close();
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("delivery attempts still running at shutdown; their jobs stay queued");
+        }
+        let now = self.clock.now_ms();
+        match self.db.call(move |s| s.release_in_flight(now, false)).await {
+            Ok(0) | Err(_) => {}
+            Ok(n) => tracing::info!(jobs = n, "released in-flight jobs for the next start"),
+        }
+    }
+}
+
+/// What an operator asks to replay.
+#[derive(Debug, Clone)]
+pub enum RetryTarget {
+    Sale(String),
+    All(State),
+}
+
+fn status_code(e: &CrmError) -> Option<u16> {
+    match e {
+        CrmError::Status { status, .. } | CrmError::NotJson(status) => Some(status.as_u16()),
+        CrmError::Redirect { status, .. } => Some(status.as_u16()),
+        _ => None,
+    }
+}
+
+fn failed(service_available: bool, error: String, queued: bool) -> CrmStatus {
+    let mut s = CrmStatus::failed(service_available, error);
+    s.queued = Some(queued);
+    s
+}
+
+fn status_of_attempt(a: &Attempt) -> CrmStatus {
+    match a {
+        Attempt::Delivered(inv) => {
+            CrmStatus::created(inv.invoice_id.clone(), inv.invoice_number.clone())
+        }
+        Attempt::Retrying(e) => failed(e.service_available(), e.to_string(), true),
+        Attempt::Held(e) => failed(
+            true,
+            format!("{e}; invoices are held until an operator fixes the API key"),
+            true,
+        ),
+        Attempt::Dead(e, available) => failed(*available, e.clone(), false),
+    }
+}
+
+/// The till's view of a sale that already had a job (the same saleId came again).
+fn status_of_existing(job: &Job) -> CrmStatus {
+    match job.state {
+        State::Delivered => CrmStatus::created(job.invoice_id.clone(), job.invoice_number.clone()),
+        State::Dead => failed(
+            true,
+            job.last_error
+                .clone()
+                .unwrap_or_else(|| "invoice is dead".into()),
+            false,
+        ),
+        _ => failed(
+            false,
+            "invoice for this sale is already queued".into(),
+            true,
+        ),
+    }
+}

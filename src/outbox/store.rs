@@ -1,0 +1,676 @@
+//! The outbox table in SQLite: one row per sale, keyed by `saleId`, never deleted on failure.
+//!
+//! WAL mode so the proxy and an operator's `outbox` command can use the file at the same time;
+//! `synchronous=FULL` by default so a committed job survives a power cut, not only a crash.
+//! All times are Unix milliseconds. The API is synchronous; [`super::Outbox`] runs it off the
+//! async threads.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde::Serialize;
+
+/// Versioned migrations; `PRAGMA user_version` records how many have been applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE jobs (
+    id                INTEGER PRIMARY KEY AUTOINCREMENT,
+    sale_id           TEXT    NOT NULL UNIQUE,
+    idempotency_key   TEXT    NOT NULL,
+    payload           BLOB    NOT NULL,
+    state             TEXT    NOT NULL CHECK (state IN ('pending','in_flight','delivered','dead','held')),
+    attempts          INTEGER NOT NULL DEFAULT 0,
+    total_attempts    INTEGER NOT NULL DEFAULT 0,
+    created_at        INTEGER NOT NULL,
+    cycle_started_at  INTEGER NOT NULL,
+    updated_at        INTEGER NOT NULL,
+    next_attempt_at   INTEGER NOT NULL,
+    lease_until       INTEGER,
+    last_error        TEXT,
+    last_status       INTEGER,
+    invoice_id        TEXT,
+    invoice_number    TEXT,
+    delivered_at      INTEGER
+);
+CREATE INDEX jobs_state_due ON jobs (state, next_attempt_at, id);
+"#];
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Waiting for its next attempt at `next_attempt_at`.
+    Pending,
+    /// Claimed by a delivery until `lease_until`; an expired lease means the claimer died.
+    InFlight,
+    /// The CRM confirmed the invoice. Never sent again.
+    Delivered,
+    /// The CRM refused it for good, or it ran out of time; an operator can replay it.
+    Dead,
+    /// The CRM refused our credentials; waits for an operator.
+    Held,
+}
+
+impl State {
+    pub const ALL: [State; 5] = [
+        State::Pending,
+        State::InFlight,
+        State::Delivered,
+        State::Dead,
+        State::Held,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::InFlight => "in_flight",
+            State::Delivered => "delivered",
+            State::Dead => "dead",
+            State::Held => "held",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<State> {
+        State::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// One job as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct Job {
+    pub id: i64,
+    pub sale_id: String,
+    pub idempotency_key: String,
+    #[serde(skip)]
+    pub payload: Vec<u8>,
+    pub state: State,
+    pub attempts: u32,
+    pub total_attempts: u32,
+    pub created_at: i64,
+    pub cycle_started_at: i64,
+    pub updated_at: i64,
+    pub next_attempt_at: i64,
+    pub lease_until: Option<i64>,
+    pub last_error: Option<String>,
+    pub last_status: Option<u16>,
+    pub invoice_id: Option<String>,
+    pub invoice_number: Option<String>,
+    pub delivered_at: Option<i64>,
+}
+
+const COLUMNS: &str = "id, sale_id, idempotency_key, payload, state, attempts, total_attempts, created_at, \
+     cycle_started_at, updated_at, next_attempt_at, lease_until, last_error, last_status, invoice_id, \
+     invoice_number, delivered_at";
+
+fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
+    let state: String = row.get(4)?;
+    Ok(Job {
+        id: row.get(0)?,
+        sale_id: row.get(1)?,
+        idempotency_key: row.get(2)?,
+        payload: row.get(3)?,
+        state: State::parse(&state).unwrap_or(State::Pending),
+        attempts: row.get(5)?,
+        total_attempts: row.get(6)?,
+        created_at: row.get(7)?,
+        cycle_started_at: row.get(8)?,
+        updated_at: row.get(9)?,
+        next_attempt_at: row.get(10)?,
+        lease_until: row.get(11)?,
+        last_error: row.get(12)?,
+        last_status: row.get(13)?,
+        invoice_id: row.get(14)?,
+        invoice_number: row.get(15)?,
+        delivered_at: row.get(16)?,
+    })
+}
+
+/// A store failure, with the file it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("outbox {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("cannot create the data directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("outbox task failed: {0}")]
+    Task(String),
+    #[error(
+        "outbox {path} was written by a newer version (schema {found}, this build knows {known})"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: usize,
+    },
+}
+
+/// What enqueueing found.
+#[derive(Debug, Clone)]
+pub enum Enqueued {
+    /// A new job, stored in the state asked for.
+    New(Job),
+    /// The sale already had a job (a repeated saleId): nothing was changed.
+    Existing(Job),
+}
+
+/// Counts per state and the age of the oldest job waiting.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    pub pending: u64,
+    pub in_flight: u64,
+    pub delivered: u64,
+    pub dead: u64,
+    pub held: u64,
+    /// Created-at of the oldest job not yet delivered or dead.
+    pub oldest_waiting_created_at: Option<i64>,
+}
+
+impl Stats {
+    /// Jobs still to deliver.
+    pub fn depth(&self) -> u64 {
+        self.pending + self.in_flight + self.held
+    }
+}
+
+/// The outbox database.
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+/// The outbox file inside a data directory.
+pub fn path_in(data_dir: &Path) -> PathBuf {
+    data_dir.join("outbox.sqlite3")
+}
+
+impl Store {
+    /// Opens (creating if needed) the outbox in `data_dir` and migrates it.
+    pub fn open(data_dir: &Path, synchronous_full: bool) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Dir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let path = path_in(data_dir);
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let mut conn = Connection::open(&path).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(
+            None,
+            "synchronous",
+            if synchronous_full { "FULL" } else { "NORMAL" },
+        )
+        .map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(err)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(err)?;
+        if version > MIGRATIONS.len() as i64 {
+            return Err(StoreError::TooNew {
+                path,
+                found: version,
+                known: MIGRATIONS.len(),
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.transaction().map_err(err)?;
+            tx.execute_batch(sql).map_err(err)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(err)?;
+            tx.commit().map_err(err)?;
+        }
+        Ok(Store { conn, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Stores a new job for `sale_id`, or returns the one it already has. With `lease_until`
+    /// the job starts `in_flight` (claimed for the inline attempt, counted as attempt 1);
+    /// otherwise `pending` and due at `now`.
+    pub fn enqueue(
+        &mut self,
+        sale_id: &str,
+        idempotency_key: &str,
+        payload: &[u8],
+        now: i64,
+        lease_until: Option<i64>,
+    ) -> Result<Enqueued, StoreError> {
+        let (state, attempts) = match lease_until {
+            Some(_) => (State::InFlight, 1),
+            None => (State::Pending, 0),
+        };
+        let inserted = self
+            .conn
+            .execute(
+                "INSERT INTO jobs (sale_id, idempotency_key, payload, state, attempts, total_attempts, \
+                 created_at, cycle_started_at, updated_at, next_attempt_at, lease_until) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?6, ?6, ?6, ?7) ON CONFLICT (sale_id) DO NOTHING",
+                params![sale_id, idempotency_key, payload, state.as_str(), attempts, now, lease_until],
+            )
+            .map_err(|e| self.err(e))?;
+        let job = self
+            .get(sale_id)?
+            .ok_or_else(|| self.err(rusqlite::Error::QueryReturnedNoRows))?;
+        Ok(if inserted == 1 {
+            Enqueued::New(job)
+        } else {
+            Enqueued::Existing(job)
+        })
+    }
+
+    pub fn get(&self, sale_id: &str) -> Result<Option<Job>, StoreError> {
+        self.conn
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM jobs WHERE sale_id = ?1"),
+                params![sale_id],
+                job_from_row,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Claims up to `limit` due jobs, oldest first: pending ones whose time has come and
+    /// in-flight ones whose lease expired (their claimer died). Each claim is one attempt.
+    pub fn claim_due(
+        &mut self,
+        now: i64,
+        lease_until: i64,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        let ids: Vec<i64> = {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT id FROM jobs WHERE (state = 'pending' AND next_attempt_at <= ?1) \
+                     OR (state = 'in_flight' AND lease_until < ?1) ORDER BY id LIMIT ?2",
+                )
+                .map_err(err)?;
+            let rows = stmt
+                .query_map(params![now, limit as i64], |r| r.get(0))
+                .map_err(err)?;
+            rows.collect::<Result<_, _>>().map_err(err)?
+        };
+        let mut jobs = Vec::with_capacity(ids.len());
+        for id in ids {
+            tx.execute(
+                "UPDATE jobs SET state = 'in_flight', lease_until = ?2, attempts = attempts + 1, \
+                 total_attempts = total_attempts + 1, updated_at = ?3 WHERE id = ?1",
+                params![id, lease_until, now],
+            )
+            .map_err(err)?;
+            let job = tx
+                .query_row(
+                    &format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"),
+                    params![id],
+                    job_from_row,
+                )
+                .map_err(err)?;
+            jobs.push(job);
+        }
+        tx.commit().map_err(err)?;
+        Ok(jobs)
+    }
+
+    /// Records a confirmed invoice. Only an in-flight job can become delivered, so a job an
+    /// operator changed meanwhile is left as it is.
+    pub fn mark_delivered(
+        &mut self,
+        id: i64,
+        invoice_id: Option<&str>,
+        invoice_number: Option<&str>,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE jobs SET state = 'delivered', invoice_id = ?2, invoice_number = ?3, delivered_at = ?4, \
+                 updated_at = ?4, lease_until = NULL, last_error = NULL WHERE id = ?1 AND state = 'in_flight'",
+                params![id, invoice_id, invoice_number, now],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(n == 1)
+    }
+
+    /// A failed attempt: back to `pending` until `next_attempt_at`.
+    pub fn mark_retry(
+        &mut self,
+        id: i64,
+        error: &str,
+        status: Option<u16>,
+        next_attempt_at: i64,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.finish(id, State::Pending, error, status, next_attempt_at, now)
+    }
+
+    /// A failed attempt that will not be retried by itself (`Dead` or `Held`).
+    pub fn mark_stopped(
+        &mut self,
+        id: i64,
+        state: State,
+        error: &str,
+        status: Option<u16>,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.finish(id, state, error, status, now, now)
+    }
+
+    fn finish(
+        &mut self,
+        id: i64,
+        state: State,
+        error: &str,
+        status: Option<u16>,
+        next_attempt_at: i64,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE jobs SET state = ?2, last_error = ?3, last_status = ?4, next_attempt_at = ?5, \
+                 updated_at = ?6, lease_until = NULL WHERE id = ?1 AND state = 'in_flight'",
+                params![id, state.as_str(), error, status, next_attempt_at, now],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(n == 1)
+    }
+
+    /// Puts in-flight jobs back to `pending` (shutdown, or start-up after a crash), due now.
+    /// With `only_expired`, only jobs whose lease has run out.
+    pub fn release_in_flight(&mut self, now: i64, only_expired: bool) -> Result<usize, StoreError> {
+        let sql = if only_expired {
+            "UPDATE jobs SET state = 'pending', lease_until = NULL, next_attempt_at = ?1, updated_at = ?1 \
+             WHERE state = 'in_flight' AND lease_until < ?1"
+        } else {
+            "UPDATE jobs SET state = 'pending', lease_until = NULL, next_attempt_at = ?1, updated_at = ?1 \
+             WHERE state = 'in_flight'"
+        };
+        self.conn
+            .execute(sql, params![now])
+            .map_err(|e| self.err(e))
+    }
+
+    /// Makes every pending job due now (the CRM came back: drain the backlog oldest first
+    /// instead of waiting out each job's back-off).
+    pub fn make_pending_due(&mut self, now: i64) -> Result<usize, StoreError> {
+        self.conn
+            .execute(
+                "UPDATE jobs SET next_attempt_at = ?1 WHERE state = 'pending' AND next_attempt_at > ?1",
+                params![now],
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// An operator's replay of one job in `dead` or `held` (or a pending one, to make it due
+    /// now): a fresh retry cycle. Delivered jobs are never replayed.
+    pub fn retry(&mut self, sale_id: &str, now: i64) -> Result<Option<Job>, StoreError> {
+        self.conn
+            .execute(
+                "UPDATE jobs SET state = 'pending', attempts = 0, cycle_started_at = ?2, next_attempt_at = ?2, \
+                 updated_at = ?2 WHERE sale_id = ?1 AND state IN ('dead', 'held', 'pending')",
+                params![sale_id, now],
+            )
+            .map_err(|e| self.err(e))?;
+        self.get(sale_id)
+    }
+
+    /// Replays every job in `state` (`Dead` or `Held`); returns how many.
+    pub fn retry_all(&mut self, state: State, now: i64) -> Result<usize, StoreError> {
+        if !matches!(state, State::Dead | State::Held) {
+            return Ok(0);
+        }
+        self.conn
+            .execute(
+                "UPDATE jobs SET state = 'pending', attempts = 0, cycle_started_at = ?2, next_attempt_at = ?2, \
+                 updated_at = ?2 WHERE state = ?1",
+                params![state.as_str(), now],
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// Jobs, newest first, optionally in one state.
+    pub fn list(&self, state: Option<State>, limit: usize) -> Result<Vec<Job>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM jobs WHERE (?1 IS NULL OR state = ?1) ORDER BY id DESC LIMIT ?2"
+            ))
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(
+                params![state.map(State::as_str), limit as i64],
+                job_from_row,
+            )
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    pub fn stats(&self) -> Result<Stats, StoreError> {
+        let mut stats = Stats::default();
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(|e| self.err(e))?;
+        for row in rows {
+            let (state, n) = row.map_err(|e| self.err(e))?;
+            let n = n.max(0) as u64;
+            match State::parse(&state) {
+                Some(State::Pending) => stats.pending = n,
+                Some(State::InFlight) => stats.in_flight = n,
+                Some(State::Delivered) => stats.delivered = n,
+                Some(State::Dead) => stats.dead = n,
+                Some(State::Held) => stats.held = n,
+                None => {}
+            }
+        }
+        stats.oldest_waiting_created_at = self
+            .conn
+            .query_row(
+                "SELECT MIN(created_at) FROM jobs WHERE state IN ('pending', 'in_flight', 'held')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(stats)
+    }
+
+    /// Whether any job is held (the whole queue then waits for an operator).
+    pub fn any_held(&self) -> Result<bool, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'held')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// When the next pending job is due, if any.
+    pub fn next_due(&self) -> Result<Option<i64>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT MIN(CASE WHEN state = 'pending' THEN next_attempt_at ELSE lease_until END) \
+                 FROM jobs WHERE state IN ('pending', 'in_flight')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), true).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn one_row_per_sale_and_the_first_payload_wins() {
+        let (_d, mut s) = store();
+        assert!(matches!(
+            s.enqueue("S1", "k1", b"{}", 100, None).unwrap(),
+            Enqueued::New(_)
+        ));
+        match s.enqueue("S1", "k1", b"{\"other\":1}", 200, None).unwrap() {
+            Enqueued::Existing(job) => {
+                assert_eq!(job.payload, b"{}");
+                assert_eq!(job.created_at, 100);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.stats().unwrap().pending, 1);
+    }
+
+    #[test]
+    fn claim_lease_retry_deliver() {
+        let (_d, mut s) = store();
+        s.enqueue("A", "ka", b"a", 10, None).unwrap();
+        s.enqueue("B", "kb", b"b", 11, Some(1_000)).unwrap(); // claimed inline
+                                                              // B is leased until 1000: not claimable at 500, A is
+        let got = s.claim_due(500, 600, 10).unwrap();
+        assert_eq!(
+            got.iter().map(|j| j.sale_id.as_str()).collect::<Vec<_>>(),
+            ["A"]
+        );
+        assert_eq!(got[0].attempts, 1);
+        assert!(s.mark_retry(got[0].id, "503", Some(503), 700, 500).unwrap());
+        assert!(
+            s.claim_due(650, 800, 10).unwrap().is_empty(),
+            "A not due yet, B leased"
+        );
+        // at 1001 B's lease has expired (its claimer died) and A is due: oldest first
+        let got = s.claim_due(1_001, 2_000, 10).unwrap();
+        assert_eq!(
+            got.iter().map(|j| j.sale_id.as_str()).collect::<Vec<_>>(),
+            ["A", "B"]
+        );
+        assert_eq!(got[0].attempts, 2);
+        assert!(s
+            .mark_delivered(got[0].id, Some("uuid"), Some("INV-1"), 1_002)
+            .unwrap());
+        assert!(
+            !s.mark_delivered(got[0].id, Some("uuid"), Some("INV-1"), 1_003)
+                .unwrap(),
+            "only once"
+        );
+        let a = s.get("A").unwrap().unwrap();
+        assert_eq!(
+            (a.state, a.invoice_number.as_deref()),
+            (State::Delivered, Some("INV-1"))
+        );
+        // a delivered job is never claimed again, nor replayed
+        assert!(s
+            .claim_due(10_000, 20_000, 10)
+            .unwrap()
+            .iter()
+            .all(|j| j.sale_id != "A"));
+        assert_eq!(
+            s.retry("A", 30_000).unwrap().unwrap().state,
+            State::Delivered
+        );
+    }
+
+    #[test]
+    fn dead_and_held_wait_for_an_operator() {
+        let (_d, mut s) = store();
+        s.enqueue("D", "kd", b"d", 1, Some(100)).unwrap();
+        s.enqueue("H", "kh", b"h", 2, Some(100)).unwrap();
+        let d = s.get("D").unwrap().unwrap();
+        let h = s.get("H").unwrap().unwrap();
+        s.mark_stopped(d.id, State::Dead, "400 bad", Some(400), 5)
+            .unwrap();
+        s.mark_stopped(h.id, State::Held, "401", Some(401), 5)
+            .unwrap();
+        assert!(s.any_held().unwrap());
+        assert!(s.claim_due(1_000_000, 2_000_000, 10).unwrap().is_empty());
+        assert_eq!(s.retry_all(State::Held, 50).unwrap(), 1);
+        assert!(!s.any_held().unwrap());
+        let d2 = s.retry("D", 60).unwrap().unwrap();
+        assert_eq!(
+            (
+                d2.state,
+                d2.attempts,
+                d2.total_attempts,
+                d2.cycle_started_at
+            ),
+            (State::Pending, 0, 1, 60)
+        );
+        assert_eq!(d2.last_error.as_deref(), Some("400 bad"), "history kept");
+        let st = s.stats().unwrap();
+        assert_eq!((st.pending, st.dead, st.held, st.depth()), (2, 0, 0, 2));
+        assert_eq!(st.oldest_waiting_created_at, Some(1));
+    }
+
+    #[test]
+    fn release_and_reopen_keep_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = Store::open(dir.path(), true).unwrap();
+            s.enqueue("X", "kx", b"x", 1, Some(1_000)).unwrap();
+            s.enqueue("Y", "ky", b"y", 2, Some(50)).unwrap();
+            assert_eq!(
+                s.release_in_flight(100, true).unwrap(),
+                1,
+                "only Y's lease expired"
+            );
+        }
+        let mut s = Store::open(dir.path(), false).unwrap();
+        assert_eq!(s.get("Y").unwrap().unwrap().state, State::Pending);
+        assert_eq!(s.release_in_flight(100, false).unwrap(), 1);
+        assert_eq!(s.stats().unwrap().pending, 2);
+        assert_eq!(s.list(Some(State::Pending), 10).unwrap().len(), 2);
+        assert_eq!(s.list(None, 1).unwrap()[0].sale_id, "Y", "newest first");
+        assert_eq!(s.next_due().unwrap(), Some(100));
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), true).unwrap();
+            s.conn.pragma_update(None, "user_version", 99).unwrap();
+        }
+        let err = Store::open(dir.path(), true).unwrap_err().to_string();
+        assert!(err.contains("newer version"), "{err}");
+    }
+}
