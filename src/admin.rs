@@ -71,9 +71,10 @@ impl Admin {
         }
     }
 
-    fn authorised(&self, req: &Request<Body>) -> Result<(), Response<Body>> {
+    /// `None` when the request carries the admin token, else the refusal to send.
+    fn refusal(&self, req: &Request<Body>) -> Option<Response<Body>> {
         let Some(token) = &self.inner.token else {
-            return Err(error(
+            return Some(error(
                 StatusCode::FORBIDDEN,
                 "write endpoints are disabled: set proxy.admin_token (PROXY_ADMIN_TOKEN)",
             ));
@@ -84,14 +85,8 @@ impl Admin {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if same_secret(given.trim().as_bytes(), token.expose().as_bytes()) {
-            Ok(())
-        } else {
-            Err(error(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong bearer token",
-            ))
-        }
+        (!same_secret(given.trim().as_bytes(), token.expose().as_bytes()))
+            .then(|| error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"))
     }
 
     async fn respond(self, req: Request<Body>) -> Response<Body> {
@@ -163,8 +158,8 @@ impl Admin {
                 }
             }
             (Method::POST, "/outbox/retry") => {
-                if let Err(resp) = self.authorised(&req) {
-                    return resp;
+                if let Some(refusal) = self.refusal(&req) {
+                    return refusal;
                 }
                 let target = match (param("sale_id"), param("all")) {
                     (Some(id), None) => RetryTarget::Sale(id.to_string()),

@@ -10,6 +10,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use pos_crm_proxy::config::{Config, LogFormat, ProcessEnv};
 use pos_crm_proxy::demo::Demo;
+use pos_crm_proxy::outbox::cli;
+use pos_crm_proxy::outbox::store::State;
 use pos_crm_proxy::App;
 
 /// Sidecar reverse proxy in front of a legacy POS: every completed sale with a customer becomes
@@ -55,6 +57,48 @@ enum Command {
     },
     /// Validate the configuration (file and environment), print it with secrets redacted, exit.
     CheckConfig,
+    /// Inspect and replay the invoice outbox (safe while the proxy runs).
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum OutboxCommand {
+    /// List jobs, newest first.
+    List {
+        /// Only jobs in this state: pending, in_flight, delivered, dead or held.
+        #[arg(long, value_parser = parse_state)]
+        state: Option<State>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one sale's job with its frozen invoice payload.
+    Show { sale_id: String },
+    /// Queue jobs for delivery again: one sale, every dead job, or every held job.
+    Retry {
+        /// The POS sale id of the job to replay (a dead, held or pending job).
+        #[arg(required_unless_present_any = ["all_dead", "all_held"], conflicts_with_all = ["all_dead", "all_held"])]
+        sale_id: Option<String>,
+        /// Replay every dead job (after fixing what the CRM refused).
+        #[arg(long, conflicts_with = "all_held")]
+        all_dead: bool,
+        /// Release the held queue (after fixing the CRM API key).
+        #[arg(long)]
+        all_held: bool,
+    },
+    /// Counts per state and the oldest waiting job.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_state(s: &str) -> Result<State, String> {
+    State::parse(s)
+        .ok_or_else(|| "expected pending, in_flight, delivered, dead or held".to_string())
 }
 
 const DEFAULT_CONFIG: &str = "config.toml";
@@ -66,6 +110,7 @@ fn main() -> ExitCode {
         None => (PathBuf::from(DEFAULT_CONFIG), false),
     };
     let needs_config = !matches!(cli.command, Some(Command::Demo { .. }));
+    let quiet = matches!(cli.command, Some(Command::Outbox(_)));
     let config = if needs_config {
         match Config::load(&path, required, &ProcessEnv) {
             Ok(c) => Some(c),
@@ -88,7 +133,9 @@ fn main() -> ExitCode {
             CliLogFormat::Json => LogFormat::Json,
         };
     }
-    init_logging(&level, format);
+    if !quiet {
+        init_logging(&level, format);
+    }
 
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
@@ -101,6 +148,7 @@ fn main() -> ExitCode {
             listen,
             admin_listen,
         } => runtime().and_then(|rt| rt.block_on(demo(listen, admin_listen))),
+        Command::Outbox(cmd) => outbox(cmd, &config.expect("loaded above")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -134,6 +182,31 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .thread_name("pos-crm-proxy")
         .build()
         .context("cannot start the async runtime")
+}
+
+fn outbox(cmd: OutboxCommand, config: &Config) -> anyhow::Result<()> {
+    let cmd = match cmd {
+        OutboxCommand::List { state, limit, json } => cli::Command::List { state, limit, json },
+        OutboxCommand::Show { sale_id } => cli::Command::Show { sale_id },
+        OutboxCommand::Retry {
+            sale_id,
+            all_dead,
+            all_held,
+        } => cli::Command::Retry(match (sale_id, all_dead, all_held) {
+            (Some(id), _, _) => cli::Target::Sale(id),
+            (None, true, _) => cli::Target::AllDead,
+            _ => cli::Target::AllHeld,
+        }),
+        OutboxCommand::Stats { json } => cli::Command::Stats { json },
+    };
+    let mut out = std::io::stdout().lock();
+    cli::run(
+        cmd,
+        &config.data_dir,
+        config.outbox.synchronous_full,
+        &mut out,
+    )?;
+    Ok(())
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

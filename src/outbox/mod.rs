@@ -8,6 +8,7 @@
 //! sent again.
 
 pub mod breaker;
+pub mod cli;
 pub mod schedule;
 pub mod store;
 pub mod worker;

@@ -128,3 +128,350 @@ impl Outbox {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The worker on tokio's paused clock: hours of retry schedule run in milliseconds, and
+    //! every gap is measured exactly.
+
+    use std::collections::VecDeque;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::StatusCode;
+    use tokio::time::Instant;
+
+    use super::super::breaker::BreakerConfig;
+    use super::super::schedule::RetryPolicy;
+    use super::super::store::State;
+    use super::super::{Clock, Outbox, OutboxConfig, RetryTarget, Sender};
+    use crate::crm::{CreatedInvoice, CrmError};
+    use crate::server::Shutdown;
+
+    /// A CRM that answers from a script (then succeeds) and records when and what it was sent.
+    #[derive(Default)]
+    struct Scripted {
+        answers: Mutex<VecDeque<Result<CreatedInvoice, CrmError>>>,
+        calls: Mutex<Vec<(Instant, String, String)>>,
+        created: Mutex<u32>,
+    }
+
+    fn status(code: u16, retry_after: Option<u64>) -> Result<CreatedInvoice, CrmError> {
+        Err(CrmError::Status {
+            status: StatusCode::from_u16(code).unwrap(),
+            text: "scripted".into(),
+            retry_after: retry_after.map(Duration::from_secs),
+        })
+    }
+
+    impl Scripted {
+        fn new(answers: Vec<Result<CreatedInvoice, CrmError>>) -> Arc<Self> {
+            Arc::new(Scripted {
+                answers: Mutex::new(answers.into()),
+                ..Scripted::default()
+            })
+        }
+        fn push(&self, a: Result<CreatedInvoice, CrmError>) {
+            self.answers.lock().unwrap().push_back(a);
+        }
+        fn calls(&self) -> Vec<(Instant, String, String)> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    impl Sender for Scripted {
+        fn configured(&self) -> bool {
+            true
+        }
+        fn send<'a>(
+            &'a self,
+            payload: Bytes,
+            key: &'a str,
+        ) -> Pin<Box<dyn Future<Output = Result<CreatedInvoice, CrmError>> + Send + 'a>> {
+            Box::pin(async move {
+                let body = String::from_utf8_lossy(&payload).into_owned();
+                self.calls
+                    .lock()
+                    .unwrap()
+                    .push((Instant::now(), key.to_string(), body));
+                let next = self.answers.lock().unwrap().pop_front();
+                next.unwrap_or_else(|| {
+                    let mut n = self.created.lock().unwrap();
+                    *n += 1;
+                    Ok(CreatedInvoice {
+                        invoice_id: Some(format!("id-{n}")),
+                        invoice_number: Some(format!("INV-{n}")),
+                    })
+                })
+            })
+        }
+    }
+
+    fn config(retry: RetryPolicy, threshold: u32) -> OutboxConfig {
+        OutboxConfig {
+            synchronous_full: true,
+            retry,
+            breaker: BreakerConfig {
+                failure_threshold: threshold,
+                open_for: Duration::from_secs(30),
+                max_open_for: Duration::from_secs(300),
+                probe_timeout: Duration::from_secs(60),
+            },
+            lease: Duration::from_secs(60),
+            drain_rate_per_sec: 10.0,
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+
+    struct Rig {
+        outbox: Arc<Outbox>,
+        crm: Arc<Scripted>,
+        stop: tokio::sync::watch::Sender<bool>,
+        worker: tokio::task::JoinHandle<()>,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn rig(crm: Arc<Scripted>, cfg: OutboxConfig) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Arc::new(
+            Outbox::open(dir.path(), cfg, crm.clone(), Clock::new())
+                .unwrap()
+                .with_inline_store(),
+        );
+        let (stop, shutdown) = Shutdown::new();
+        let worker = tokio::spawn(outbox.clone().run_worker(shutdown));
+        Rig {
+            outbox,
+            crm,
+            stop,
+            worker,
+            _dir: dir,
+        }
+    }
+
+    impl Rig {
+        async fn sale(&self, id: &str) -> crate::sales::model::CrmStatus {
+            let budget = Duration::from_millis(1500);
+            self.outbox
+                .submit(
+                    id,
+                    &format!("pos-sale-{id}"),
+                    format!("{{\"sale\":\"{id}\"}}").into_bytes(),
+                    Instant::now() + budget,
+                    budget,
+                )
+                .await
+        }
+        async fn state(&self, id: &str) -> State {
+            self.outbox.get(id).await.unwrap().unwrap().state
+        }
+        /// Lets virtual time run until `id` reaches `state` (bounded: a day of virtual time).
+        async fn until(&self, id: &str, state: State) {
+            for _ in 0..(24 * 60) {
+                if self.state(id).await == state {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+            panic!(
+                "{id} never became {state:?}; it is {:?}",
+                self.state(id).await
+            );
+        }
+        async fn stop(self) {
+            let _ = self.stop.send(true);
+            self.worker.await.unwrap();
+        }
+    }
+
+    fn gaps(calls: &[(Instant, String, String)]) -> Vec<Duration> {
+        calls.windows(2).map(|w| w[1].0 - w[0].0).collect()
+    }
+
+    fn within(gap: Duration, base_secs: f64, jitter: f64) {
+        let lo = Duration::from_secs_f64(base_secs * (1.0 - jitter));
+        // + pacing (100 ms) and the worker's wake-up granularity
+        let hi = Duration::from_secs_f64(base_secs * (1.0 + jitter) + 1.2);
+        assert!(
+            gap >= lo && gap <= hi,
+            "gap {gap:?} not within {lo:?}..{hi:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_follow_the_schedule_with_one_key() {
+        let crm = Scripted::new(vec![
+            status(503, None),
+            status(503, None),
+            status(500, None),
+        ]);
+        let r = rig(crm, config(RetryPolicy::default(), 100)).await;
+        let s = r.sale("S1").await;
+        assert!(!s.invoice_created);
+        assert_eq!(s.queued, Some(true));
+        assert!(!s.service_available, "503 means the CRM is unavailable");
+        r.until("S1", State::Delivered).await;
+        let calls = r.crm.calls();
+        assert_eq!(calls.len(), 4, "inline attempt + 3 retries");
+        assert!(
+            calls
+                .iter()
+                .all(|c| c.1 == "pos-sale-S1" && c.2 == calls[0].2),
+            "same key, same frozen payload"
+        );
+        let g = gaps(&calls);
+        within(g[0], 5.0, 0.2);
+        within(g[1], 30.0, 0.2);
+        within(g[2], 120.0, 0.2);
+        let job = r.outbox.get("S1").await.unwrap().unwrap();
+        assert_eq!(
+            (job.total_attempts, job.invoice_number.as_deref()),
+            (4, Some("INV-1"))
+        );
+        r.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_honoured() {
+        let crm = Scripted::new(vec![status(429, Some(90))]);
+        let r = rig(crm, config(RetryPolicy::default(), 100)).await;
+        r.sale("S1").await;
+        r.until("S1", State::Delivered).await;
+        let g = gaps(&r.crm.calls());
+        within(g[0], 90.0, 0.0);
+        r.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_that_keeps_failing_dies_at_max_age_and_can_be_replayed() {
+        let policy = RetryPolicy {
+            steps: vec![Duration::from_secs(60)],
+            max_age: Duration::from_secs(600),
+            jitter: 0.0,
+            retry_after_cap: Duration::from_secs(60),
+        };
+        let crm = Scripted::new((0..100).map(|_| status(500, None)).collect());
+        let r = rig(crm, config(policy, 1000)).await;
+        r.sale("S1").await;
+        r.until("S1", State::Dead).await;
+        let n = r.crm.calls().len();
+        assert_eq!(n, 11, "one attempt a minute, at 0 to 10 minutes");
+        let job = r.outbox.get("S1").await.unwrap().unwrap();
+        assert!(job
+            .last_error
+            .unwrap()
+            .starts_with("gave up after 11 attempts"));
+        // the operator replays it once the CRM is fixed
+        r.crm.answers.lock().unwrap().clear();
+        r.outbox
+            .retry(RetryTarget::Sale("S1".into()))
+            .await
+            .unwrap();
+        r.until("S1", State::Delivered).await;
+        assert_eq!(r.crm.calls().len(), n + 1);
+        r.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_400_is_dead_at_once_and_a_401_holds_the_queue() {
+        let crm = Scripted::new(vec![status(400, None), status(401, None)]);
+        let r = rig(crm, config(RetryPolicy::default(), 100)).await;
+        let s = r.sale("BAD").await;
+        assert_eq!((s.invoice_created, s.queued), (false, Some(false)));
+        assert_eq!(r.state("BAD").await, State::Dead);
+        let s = r.sale("KEY").await;
+        assert_eq!((s.invoice_created, s.queued), (false, Some(true)));
+        assert_eq!(r.state("KEY").await, State::Held);
+        // held: later sales are queued without being sent, nothing is sent for hours
+        let s = r.sale("LATER").await;
+        assert_eq!(s.queued, Some(true));
+        assert!(s.error.unwrap().contains("held"));
+        tokio::time::sleep(Duration::from_secs(6 * 3600)).await;
+        assert_eq!(r.crm.calls().len(), 2, "no attempts burned while held");
+        assert_eq!(r.state("LATER").await, State::Pending);
+        // the operator fixed the key and releases the queue
+        r.outbox.retry(RetryTarget::All(State::Held)).await.unwrap();
+        r.until("KEY", State::Delivered).await;
+        r.until("LATER", State::Delivered).await;
+        assert_eq!(
+            r.state("BAD").await,
+            State::Dead,
+            "dead stays dead until replayed"
+        );
+        r.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_breaker_stops_sending_then_the_backlog_drains_oldest_first() {
+        let crm = Scripted::new((0..3).map(|_| status(503, None)).collect());
+        let r = rig(crm, config(RetryPolicy::default(), 3)).await;
+        for i in 1..=6 {
+            r.sale(&format!("S{i}")).await;
+        }
+        // three failures opened the circuit: S4..S6 were queued without an attempt
+        assert_eq!(r.crm.calls().len(), 3);
+        let s = r.outbox.health().await;
+        assert_eq!(s.circuit, "open");
+        // the CRM is back (the script is empty); after the open period one probe, then all
+        r.until("S6", State::Delivered).await;
+        let calls = r.crm.calls();
+        let delivered: Vec<String> = calls[3..].iter().map(|c| c.1.clone()).collect();
+        let want: Vec<String> = (1..=6).map(|i| format!("pos-sale-S{i}")).collect();
+        assert_eq!(delivered, want, "exactly once each, oldest first");
+        assert!(
+            calls[3].0 - calls[2].0 >= Duration::from_secs(30),
+            "nothing sent while open"
+        );
+        r.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_answers_the_till_and_the_attempt_goes_on() {
+        struct Slow(Scripted);
+        impl Sender for Slow {
+            fn configured(&self) -> bool {
+                true
+            }
+            fn send<'a>(
+                &'a self,
+                payload: Bytes,
+                key: &'a str,
+            ) -> Pin<Box<dyn Future<Output = Result<CreatedInvoice, CrmError>> + Send + 'a>>
+            {
+                Box::pin(async move {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    self.0.send(payload, key).await
+                })
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let slow = Arc::new(Slow(Scripted::default()));
+        let outbox = Arc::new(
+            Outbox::open(
+                dir.path(),
+                config(RetryPolicy::default(), 5),
+                slow.clone(),
+                Clock::new(),
+            )
+            .unwrap()
+            .with_inline_store(),
+        );
+        let start = Instant::now();
+        let budget = Duration::from_millis(1500);
+        let s = outbox
+            .submit("S", "k", b"{}".to_vec(), start + budget, budget)
+            .await;
+        assert_eq!(start.elapsed(), budget, "answered exactly at the budget");
+        assert_eq!((s.invoice_created, s.queued), (false, Some(true)));
+        assert!(s.error.unwrap().contains("within 1500 ms"));
+        outbox.shutdown(Duration::from_secs(30)).await;
+        assert_eq!(
+            outbox.get("S").await.unwrap().unwrap().state,
+            State::Delivered
+        );
+        assert_eq!(slow.0.calls().len(), 1);
+    }
+}
