@@ -31,6 +31,12 @@ pub enum Body {
         prefix: Option<Bytes>,
         rest: Incoming,
     },
+    /// A streamed body that reports when it has been sent in full (or dropped), so the
+    /// upstream timeout can start after a slow upload instead of during it.
+    Watched {
+        inner: Box<Body>,
+        done: Option<tokio::sync::oneshot::Sender<()>>,
+    },
 }
 
 impl Body {
@@ -73,6 +79,15 @@ impl http_body::Body for Body {
                     .poll_frame(cx)
                     .map(|f| f.map(|r| r.map_err(BoxError::from)))
             }
+            Body::Watched { inner, done } => {
+                let polled = Pin::new(inner.as_mut()).poll_frame(cx);
+                if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+                    if let Some(done) = done.take() {
+                        let _ = done.send(());
+                    }
+                }
+                polled
+            }
         }
     }
 
@@ -82,6 +97,7 @@ impl http_body::Body for Body {
             Body::Full(bytes) => bytes.is_none(),
             Body::Incoming(incoming) => incoming.is_end_stream(),
             Body::Prefixed { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            Body::Watched { inner, .. } => inner.is_end_stream(),
         }
     }
 
@@ -100,6 +116,7 @@ impl http_body::Body for Body {
                 }
                 hint
             }
+            Body::Watched { inner, .. } => inner.size_hint(),
         }
     }
 }
@@ -131,7 +148,7 @@ pub async fn collect_limited(body: Body, limit: usize) -> Result<Collected, Read
     let mut incoming = match body {
         Body::Empty => return Ok(Collected::Complete(Bytes::new())),
         Body::Full(bytes) => return Ok(Collected::Complete(bytes.unwrap_or_default())),
-        Body::Prefixed { .. } => return Ok(Collected::TooLarge(body)),
+        Body::Prefixed { .. } | Body::Watched { .. } => return Ok(Collected::TooLarge(body)),
         Body::Incoming(incoming) => incoming,
     };
     let mut buf = BytesMut::new();

@@ -137,7 +137,9 @@ impl CrmClient {
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(cfg.connect_timeout)
             .timeout(cfg.timeout)
-            .pool_idle_timeout(Duration::from_secs(30))
+            // Below the 5 s a Node.js server keeps idle sockets, so a pooled socket is not reused
+            // just as the CRM closes it.
+            .pool_idle_timeout(Duration::from_secs(4))
             .no_proxy()
             .user_agent(concat!("pos-crm-proxy/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -163,12 +165,36 @@ impl CrmClient {
     }
 
     /// `POST /api/external/invoices` with the frozen payload and its idempotency key.
+    ///
+    /// A pooled connection the CRM closed just as it was reused fails before any answer; that
+    /// one case is sent again at once on a new connection (the idempotency key makes it safe).
     pub async fn create_invoice(
         &self,
         payload: Bytes,
         idempotency_key: &str,
     ) -> Result<CreatedInvoice, CrmError> {
-        let endpoint = self.endpoint.as_ref().ok_or(CrmError::NotConfigured)?;
+        match self.create_once(payload.clone(), idempotency_key).await {
+            Err(Stale) => self
+                .create_once(payload, idempotency_key)
+                .await
+                .map_err(|e| match e {
+                    Stale => CrmError::Other("connection closed before the CRM answered".into()),
+                    Failed(e) => e,
+                }),
+            Err(Failed(e)) => Err(e),
+            Ok(created) => Ok(created),
+        }
+    }
+
+    async fn create_once(
+        &self,
+        payload: Bytes,
+        idempotency_key: &str,
+    ) -> Result<CreatedInvoice, Attempt> {
+        let endpoint = self
+            .endpoint
+            .as_ref()
+            .ok_or(Failed(CrmError::NotConfigured))?;
         let url = format!("{}/api/external/invoices", endpoint.base_url);
         let request = self
             .http
@@ -181,7 +207,12 @@ impl CrmClient {
                     .map_err(|_| CrmError::Other("idempotency key is not a header value".into()))?,
             )
             .body(payload);
-        let mut response = request.send().await.map_err(|e| self.classify(e))?;
+        let mut response = match request.send().await {
+            Ok(r) => r,
+            Err(e) if closed_before_answer(&e) => return Err(Stale),
+            Err(e) => return Err(Failed(self.classify(e))),
+        };
+        let redact = |text: String| text.replace(endpoint.api_key.expose(), "[redacted]");
         let status = response.status();
         if status.is_redirection() {
             let location = response
@@ -190,7 +221,10 @@ impl CrmClient {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("(no location)")
                 .to_string();
-            return Err(CrmError::Redirect { status, location });
+            return Err(Failed(CrmError::Redirect {
+                status,
+                location: redact(location),
+            }));
         }
         let retry_after = response
             .headers()
@@ -202,17 +236,17 @@ impl CrmClient {
             .await
             .map_err(|e| self.classify(e))?;
         if !status.is_success() {
-            return Err(CrmError::Status {
+            return Err(Failed(CrmError::Status {
                 status,
-                text: error_text(&body),
+                text: redact(error_text(&body)),
                 retry_after,
-            });
+            }));
         }
         let Ok(answer) = Object::parse_bytes(&body) else {
-            return Err(CrmError::NotJson(status));
+            return Err(Failed(CrmError::NotJson(status)));
         };
         if answer.get("success").map(|v| v.get()) == Some("false") {
-            return Err(CrmError::Rejected(error_text(&body)));
+            return Err(Failed(CrmError::Rejected(redact(error_text(&body)))));
         }
         let string = |k: &str| answer.get(k).and_then(json::as_str).map(|s| s.into_owned());
         Ok(CreatedInvoice {
@@ -284,10 +318,10 @@ impl CrmClient {
     }
 
     fn classify(&self, e: reqwest::Error) -> CrmError {
-        if e.is_timeout() {
+        let root = root_cause(&e);
+        if e.is_timeout() && !e.is_connect() {
             return CrmError::Timeout(self.timeout.as_millis());
         }
-        let root = root_cause(&e);
         if e.is_connect() {
             let host = e
                 .url()
@@ -300,6 +334,33 @@ impl CrmClient {
         }
         CrmError::Other(root)
     }
+}
+
+/// Why one send did not produce an answer to classify.
+enum Attempt {
+    /// A reused connection closed before any answer: safe to send again once.
+    Stale,
+    Failed(CrmError),
+}
+use Attempt::{Failed, Stale};
+
+impl From<CrmError> for Attempt {
+    fn from(e: CrmError) -> Self {
+        Failed(e)
+    }
+}
+
+/// hyper's "connection closed before message completed" on a request: a pooled socket that the
+/// server had closed.
+fn closed_before_answer(e: &reqwest::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            return h.is_incomplete_message();
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// The innermost error message, which names the real problem ("connection refused").

@@ -13,6 +13,8 @@ use std::time::Duration;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -27,6 +29,11 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// A request extension that replaces the configured answer timeout for one request (the sales
+/// route waits longer in the background than the till does).
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamTimeout(pub Duration);
 
 /// The POS behind the proxy. Cheap to clone.
 #[derive(Clone)]
@@ -83,15 +90,29 @@ impl Upstream {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed("CONNECT".into()));
         }
+        let timeout = req
+            .extensions_mut()
+            .remove::<UpstreamTimeout>()
+            .map_or(self.inner.timeout, |t| t.0);
         let upgrade = wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         self.prepare_request(&mut req, upgrade)?;
 
-        let sent = self.inner.client.request(req);
-        let mut resp = match tokio::time::timeout(self.inner.timeout, sent).await {
-            Err(_) => return Err(ProxyError::UpstreamTimeout(self.inner.timeout.as_millis())),
-            Ok(Err(e)) => return Err(ProxyError::UpstreamUnavailable(describe(&e))),
-            Ok(Ok(resp)) => resp,
+        // A bodiless idempotent request can be sent again if a pooled connection turns out to
+        // be closed; anything with a body, or a POST, never is.
+        let replay = (is_idempotent(req.method()) && req.body().is_end_stream() && !upgrade)
+            .then(|| copy_head(&req));
+        let mut resp = match self.send(req, timeout).await {
+            Err(SendError::Stale(e)) => match replay {
+                Some(again) => {
+                    tracing::debug!("pooled upstream connection was closed; sending again");
+                    self.send(again, timeout)
+                        .await
+                        .map_err(SendError::into_proxy)?
+                }
+                None => return Err(ProxyError::UpstreamUnavailable(describe(&e))),
+            },
+            other => other.map_err(SendError::into_proxy)?,
         };
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -103,6 +124,36 @@ impl Upstream {
             strip_hop_by_hop(resp.headers_mut(), false);
         }
         Ok(resp.map(Body::from))
+    }
+
+    /// Sends `req`; the timeout counts from when the request body has been sent in full.
+    async fn send(
+        &self,
+        mut req: Request<Body>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, SendError> {
+        let body_sent = if req.body().is_end_stream() {
+            None
+        } else {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let body = std::mem::take(req.body_mut());
+            *req.body_mut() = Body::Watched {
+                inner: Box::new(body),
+                done: Some(tx),
+            };
+            Some(rx)
+        };
+        let sent = self.inner.client.request(req);
+        let deadline = async {
+            if let Some(rx) = body_sent {
+                let _ = rx.await;
+            }
+            tokio::time::sleep(timeout).await;
+        };
+        tokio::select! {
+            result = sent => result.map_err(|e| if is_stale(&e) { SendError::Stale(e) } else { SendError::Failed(e) }),
+            _ = deadline => Err(SendError::Timeout(timeout)),
+        }
     }
 
     /// Rewrites the request for the upstream hop: origin URI of the POS, HTTP/1.1, hop-by-hop
@@ -176,6 +227,55 @@ impl tower::Service<Request<Body>> for Upstream {
         let this = self.clone();
         Box::pin(async move { Ok(this.forward(req).await) })
     }
+}
+
+/// Why one send failed.
+enum SendError {
+    /// A pooled connection was closed before the answer began.
+    Stale(hyper_util::client::legacy::Error),
+    Failed(hyper_util::client::legacy::Error),
+    Timeout(Duration),
+}
+
+impl SendError {
+    fn into_proxy(self) -> ProxyError {
+        match self {
+            SendError::Stale(e) | SendError::Failed(e) => {
+                ProxyError::UpstreamUnavailable(describe(&e))
+            }
+            SendError::Timeout(t) => ProxyError::UpstreamTimeout(t.as_millis()),
+        }
+    }
+}
+
+/// hyper's "connection closed before message completed": the POS had closed a pooled socket.
+fn is_stale(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            return h.is_incomplete_message();
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// A bodiless copy of a request's head, for one replay.
+fn copy_head(req: &Request<Body>) -> Request<Body> {
+    let mut copy = Request::new(Body::Empty);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    *copy.extensions_mut() = req.extensions().clone();
+    copy
 }
 
 /// `Connection: upgrade` plus an `Upgrade` header (HTTP/1.1 only).

@@ -17,6 +17,8 @@ pub struct SalesContext {
     pub paths: Vec<String>,
     pub max_request_body: usize,
     pub max_response_body: usize,
+    /// How long the till waits for the POS's answer to a sale (then 504; the sale task goes on).
+    pub answer_timeout: std::time::Duration,
     pub invoicer: Invoicer,
 }
 
@@ -27,6 +29,7 @@ impl SalesContext {
             paths: config.sales.intercept_paths.clone(),
             max_request_body: config.sales.max_request_body,
             max_response_body: config.sales.max_response_body,
+            answer_timeout: config.upstream.timeout,
             invoicer,
         }
     }

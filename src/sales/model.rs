@@ -44,10 +44,10 @@ pub enum SaleParseError {
     NotAnObject(#[from] json::ParseError),
 }
 
+/// A non-empty JSON string, as written (no trimming: `" "` is a value the POS accepts).
 fn non_empty_string(raw: Option<&RawValue>) -> Option<String> {
     let s = json::as_str(raw?)?;
-    let trimmed = s.trim();
-    (!trimmed.is_empty()).then(|| trimmed.to_string())
+    (!s.is_empty()).then(|| s.into_owned())
 }
 
 fn owned(raw: Option<&RawValue>) -> Option<Box<RawValue>> {
@@ -56,9 +56,13 @@ fn owned(raw: Option<&RawValue>) -> Option<Box<RawValue>> {
 
 impl Sale {
     /// Reads a sale request body. Lenient on purpose: the POS is the judge of a sale's validity,
-    /// this only extracts what an invoice needs; odd fields just come out as `None`.
+    /// this only extracts what an invoice needs; odd fields just come out as `None`. Bytes are
+    /// decoded as the POS's `request.json()` does: a UTF-8 byte-order mark is skipped and
+    /// invalid UTF-8 becomes U+FFFD, so every body the POS accepts is read here too.
     pub fn parse(body: &[u8]) -> Result<Sale, SaleParseError> {
-        let obj = Object::parse_bytes(body)?;
+        let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+        let text = String::from_utf8_lossy(body);
+        let obj = Object::parse(&text).map_err(json::ParseError::from)?;
         let items = obj
             .get("items")
             .and_then(|raw| serde_json::from_str::<Vec<&RawValue>>(raw.get()).ok())
@@ -326,7 +330,7 @@ mod tests {
     #[test]
     fn customer_is_a_non_empty_string() {
         for (body, want) in [
-            (r#"{"customerId":"  "}"#, None),
+            (r#"{"customerId":"  "}"#, Some("  ")),
             (r#"{"customerId":""}"#, None),
             (r#"{"customerId":null}"#, None),
             (r#"{"customerId":42}"#, None),
@@ -336,6 +340,11 @@ mod tests {
             let sale = Sale::parse(body.as_bytes()).unwrap();
             assert_eq!(sale.customer_id.as_deref(), want, "{body}");
         }
+        // read as the POS reads it: a BOM and Latin-1 bytes do not hide the customer
+        let bom = b"\xEF\xBB\xBF{\"customerId\":\"c-1\",\"customerName\":\"Ren\xe9\"}";
+        let s = Sale::parse(bom).unwrap();
+        assert_eq!(s.customer_id.as_deref(), Some("c-1"));
+        assert_eq!(s.customer_name.as_deref(), Some("Ren\u{FFFD}"));
         assert!(Sale::parse(b"[1,2]").is_err());
         assert!(Sale::parse(b"null").is_err());
         assert!(Sale::parse(b"{bad").is_err());

@@ -128,6 +128,13 @@ pub fn rewrite(
                 crm.error.as_deref().unwrap_or("unknown error")
             );
             match obj.members.iter().rev().find(|m| m.key == "warnings") {
+                Some(member) if member.value.get() == "null" => {
+                    // `"warnings": null` means none: the list starts here.
+                    splices.push(Splice {
+                        at: obj.span(member.value),
+                        text: format!("[{}]", json_string(&warning)),
+                    });
+                }
                 Some(member) => {
                     let raw = member.value.get();
                     if let Ok(list) = serde_json::from_str::<Vec<&serde_json::value::RawValue>>(raw)
@@ -277,6 +284,14 @@ mod tests {
                 Outcome::NoCustomer,
                 "{\n  \"a\": 1.50 ,\n  \"b\": [ 1 ],\"crmStatus\":null\n}\n",
                 201,
+            ),
+            // `warnings: null` is no list yet
+            (
+                r#"{"message":"m","warnings":null}"#,
+                207,
+                Outcome::Crm(&failed),
+                r#"{"message":"m (CRM invoice creation failed)","warnings":["CRM invoice creation failed: CRM API error: 500 Internal Server Error - Database error"],"crmStatus":{"serviceAvailable":true,"invoiceCreated":false,"invoice_id":null,"invoice_number":null,"error":"CRM API error: 500 Internal Server Error - Database error"}}"#,
+                207,
             ),
             // a message that is no string, warnings that are no array: left alone
             (

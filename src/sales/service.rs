@@ -11,6 +11,9 @@ use std::convert::Infallible;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::FutureExt;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -20,13 +23,14 @@ use tower::{Service, ServiceExt};
 
 use super::future::ResponseFuture;
 use super::layer::SalesContext;
-use super::model::{completed_sale_id, Sale};
+use super::model::{completed_sale_id, CrmStatus, Sale};
 use super::rewrite::{rewrite, Outcome};
 use crate::body::{collect_limited, Body, Collected};
 use crate::encoding;
 use crate::error::ProxyError;
 use crate::invoice::{outcome_label, utc_date_today, InvoiceRequest};
 use crate::json::Object;
+use crate::upstream::UpstreamTimeout;
 
 /// Validators and digests that no longer match a rewritten body.
 static STALE_HEADERS: [HeaderName; 5] = [
@@ -111,24 +115,42 @@ where
             return ProxyError::BadRequest(format!("sale request {e}")).into_response();
         }
     };
-    let sale = Sale::parse(&bytes).ok();
+    let sale = Sale::parse(&bytes).map_err(|e| e.to_string());
     // The answer has to be read, so ask for it unencoded (decoding stays as a fallback).
     parts.headers.insert(
         header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
     );
+    // The till stops waiting after `answer_timeout`; the sale task waits for the POS longer,
+    // so a sale the POS completes late still gets its invoice.
+    parts.extensions.insert(UpstreamTimeout(SALE_TASK_LIMIT));
     let req = Request::from_parts(parts, Body::full(bytes));
 
     // From here on the sale belongs to the POS: finish it even if the client hangs up.
-    match tokio::spawn(complete_sale(ctx, inner, req, sale)).await {
-        Ok(resp) => resp,
-        Err(e) => {
+    let task = tokio::spawn(complete_sale(ctx.clone(), inner, req, sale));
+    match tokio::time::timeout(ctx.answer_timeout, task).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => {
             tracing::error!(error = %e, "sale task failed");
             ProxyError::UpstreamBroken("internal error while relaying the sale".into())
                 .into_response()
         }
+        Err(_) => {
+            tracing::warn!(
+                timeout_ms = ctx.answer_timeout.as_millis() as u64,
+                "POS did not answer the sale in time; if it completes it later, the invoice is still created"
+            );
+            noted(
+                ProxyError::UpstreamTimeout(ctx.answer_timeout.as_millis()).into_response(),
+                None,
+                "pos-timeout",
+            )
+        }
     }
 }
+
+/// How long a sale task waits for the POS after the till has been answered with a 504.
+const SALE_TASK_LIMIT: Duration = Duration::from_secs(15 * 60);
 
 async fn call<S>(inner: S, req: Request<Body>) -> Response<Body>
 where
@@ -162,7 +184,7 @@ async fn complete_sale<S>(
     ctx: Arc<SalesContext>,
     inner: S,
     req: Request<Body>,
-    sale: Option<Sale>,
+    sale: Result<Sale, String>,
 ) -> Response<Body>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
@@ -172,10 +194,14 @@ where
         // Not a completed sale (or a proxy error answer): streamed back as it is.
         return noted(resp, None, "not-completed");
     }
-    let (mut parts, body) = resp.into_parts();
-    let raw = match collect_limited(body, ctx.max_response_body).await {
-        Ok(Collected::Complete(raw)) => raw,
-        Ok(Collected::TooLarge(body)) => {
+    let (parts, body) = resp.into_parts();
+    let read = tokio::time::timeout(
+        ctx.answer_timeout,
+        collect_limited(body, ctx.max_response_body),
+    );
+    let raw = match read.await {
+        Ok(Ok(Collected::Complete(raw))) => raw,
+        Ok(Ok(Collected::TooLarge(body))) => {
             tracing::warn!(
                 limit = ctx.max_response_body,
                 "POS answer larger than sales.max_response_body_bytes: passed through untouched, no invoice"
@@ -186,11 +212,38 @@ where
                 "skipped-answer-too-large",
             );
         }
-        Err(e) => {
-            return ProxyError::UpstreamBroken(e.to_string()).into_response();
+        Ok(Err(e)) => return ProxyError::UpstreamBroken(e.to_string()).into_response(),
+        Err(_) => {
+            return ProxyError::UpstreamTimeout(ctx.answer_timeout.as_millis()).into_response()
         }
     };
 
+    // Past this point the POS has answered: whatever happens, the till gets that answer.
+    let backup = (parts.status, parts.version, parts.headers.clone());
+    match AssertUnwindSafe(finish_sale(&ctx, parts, raw.clone(), sale))
+        .catch_unwind()
+        .await
+    {
+        Ok(resp) => resp,
+        Err(_) => {
+            tracing::error!("sale handling panicked; POS answer passed through untouched");
+            let (status, version, headers) = backup;
+            let mut resp = Response::new(Body::full(raw));
+            *resp.status_mut() = status;
+            *resp.version_mut() = version;
+            *resp.headers_mut() = headers;
+            noted(resp, None, "internal-error")
+        }
+    }
+}
+
+/// Decides what the completed sale needs and rewrites the POS's answer.
+async fn finish_sale(
+    ctx: &SalesContext,
+    mut parts: Parts,
+    raw: Bytes,
+    sale: Result<Sale, String>,
+) -> Response<Body> {
     let encoding = parts
         .headers
         .get(header::CONTENT_ENCODING)
@@ -213,39 +266,38 @@ where
         return untouched(parts, raw, None, "not-completed");
     };
 
-    let customer = sale.and_then(|s| s.customer_id.clone().map(|id| (s, id)));
-    let (crm_status, label) = match customer {
-        None => (None, "no-customer"),
-        Some((sale, customer_id)) => {
-            let status = ctx
-                .invoicer
-                .invoice(InvoiceRequest {
-                    sale,
-                    customer_id,
-                    sale_id: sale_id.clone(),
-                    date: utc_date_today(),
-                })
-                .await;
-            let label = outcome_label(&status);
-            (Some(status), label)
+    let crm_status = match sale {
+        Err(e) => {
+            // The POS completed a sale whose body we could not read: say so rather than
+            // claiming there was no customer.
+            tracing::error!(sale_id = %sale_id, error = %e, "completed sale could not be read; no invoice");
+            Some(CrmStatus::failed(
+                true,
+                format!("sale request could not be read ({e}); no invoice created"),
+            ))
         }
+        Ok(sale) => match sale.customer_id.clone() {
+            None => None,
+            Some(customer_id) => Some(
+                ctx.invoicer
+                    .invoice(InvoiceRequest {
+                        sale,
+                        customer_id,
+                        sale_id: sale_id.clone(),
+                        date: utc_date_today(),
+                    })
+                    .await,
+            ),
+        },
     };
-    let outcome = match &crm_status {
-        None => Outcome::NoCustomer,
-        Some(s) => Outcome::Crm(s),
+    let (outcome, label) = match &crm_status {
+        None => (Outcome::NoCustomer, "no-customer"),
+        Some(s) => (Outcome::Crm(s), outcome_label(s)),
     };
-    // The rewrite is pure and tested not to panic; should it ever, the till still gets the sale.
-    let rewritten = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        rewrite(&decoded, parts.status, outcome)
-    }));
-    let rewritten = match rewritten {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
+    let rewritten = match rewrite(&decoded, parts.status, outcome) {
+        Ok(r) => r,
+        Err(e) => {
             tracing::warn!(error = %e, "POS answer not rewritten");
-            return untouched(parts, raw, Some(sale_id), label);
-        }
-        Err(_) => {
-            tracing::error!("rewrite panicked; POS answer passed through untouched");
             return untouched(parts, raw, Some(sale_id), label);
         }
     };

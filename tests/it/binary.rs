@@ -164,7 +164,7 @@ async fn the_api_key_never_appears_in_logs() {
         .send()
         .await
         .unwrap();
-    crm.wait_for_posts(9, Duration::from_secs(10)).await;
+    assert!(crm.wait_for_posts(9, Duration::from_secs(10)).await);
     // every post carried the key, so the key was really in use
     assert!(crm
         .invoice_posts()

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use pos_crm_proxy::demo::sample_crm::CrmScript;
 use pos_crm_proxy::demo::sample_pos::{InventoryMode, SamplePos, SamplePosOptions};
 use serde_json::{json, Value};
 
@@ -317,21 +318,40 @@ async fn integration_switched_off_is_pure_passthrough() {
 
 #[tokio::test]
 async fn only_exact_configured_paths_are_intercepted() {
-    let s = Stack::start_with(SamplePosOptions::default(), |o| Opts {
-        intercept_paths: vec!["/api/sales".into(), "/api/v2/sales".into()],
-        ..o
-    })
+    const ANSWER: &str = "HTTP/1.1 207 Multi-Status\r\ncontent-type: application/json\r\ncontent-length: 33\r\nconnection: close\r\n\r\n{\"success\":true,\"saleId\":\"POS_1\"}";
+    let up = RawUpstream::start(ANSWER).await;
+    let proxy = TestProxy::start(
+        up.addr,
+        Opts {
+            intercept_paths: vec!["/api/sales".into(), "/api/v2/sales".into()],
+            ..Opts::default()
+        },
+    )
     .await;
-    // a query string does not change the path
-    let r = client()
-        .post(s.proxy.url("/api/sales?from=till-2"))
-        .body(SALE_WITH_CUSTOMER)
-        .send()
-        .await
-        .unwrap();
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["crmStatus"]["invoiceCreated"], true);
-    assert_eq!(s.crm.invoices().len(), 1);
+    let c = client();
+    for (method, path, intercepted) in [
+        ("POST", "/api/sales?from=till-2", true),
+        ("POST", "/api/v2/sales", true),
+        ("POST", "/api/v3/sales", false),
+        ("POST", "/api/sales/extra", false),
+        ("POST", "/API/SALES", false),
+        ("PUT", "/api/sales", false),
+        ("PATCH", "/api/v2/sales", false),
+    ] {
+        let r = c
+            .request(method.parse().unwrap(), proxy.url(path))
+            .body(SALE_NO_CUSTOMER)
+            .send()
+            .await
+            .unwrap();
+        let text = r.text().await.unwrap();
+        let want = if intercepted {
+            r#"{"success":true,"saleId":"POS_1","crmStatus":null}"#
+        } else {
+            r#"{"success":true,"saleId":"POS_1"}"#
+        };
+        assert_eq!(text, want, "{method} {path}");
+    }
 }
 
 #[tokio::test]
@@ -380,4 +400,115 @@ async fn oversized_sale_request_is_forwarded_untouched_without_invoice() {
         SALE_WITH_CUSTOMER.as_bytes()
     );
     assert!(s.crm.invoice_posts().is_empty());
+}
+
+#[tokio::test]
+async fn a_sale_the_pos_completes_after_the_timeout_still_gets_its_invoice() {
+    let s = Stack::start_with(
+        SamplePosOptions {
+            sale_delay: Duration::from_millis(800),
+            ..SamplePosOptions::default()
+        },
+        |o| Opts {
+            upstream_timeout_ms: 300,
+            ..o
+        },
+    )
+    .await;
+    let (status, _, _) = s.sale(SALE_WITH_CUSTOMER).await;
+    assert_eq!(
+        status, 504,
+        "the till is told the POS did not answer in time"
+    );
+    assert!(
+        s.crm.wait_for_invoices(1, Duration::from_secs(10)).await,
+        "the late sale still got its invoice"
+    );
+    assert_eq!(
+        s.crm.invoices()[0].pos_sale_id.as_deref(),
+        Some(s.pos.completed_sales()[0].as_str())
+    );
+}
+
+#[tokio::test]
+async fn sales_are_read_the_way_the_pos_reads_them() {
+    let s = Stack::start().await;
+    // a UTF-8 byte-order mark, as some tills send it
+    let bom = format!("\u{FEFF}{SALE_WITH_CUSTOMER}");
+    let (status, v, _) = s.sale(&bom).await;
+    assert_eq!(status, 207);
+    assert_eq!(v["crmStatus"]["invoiceCreated"], true, "{v}");
+    // a customer id of one space is a non-empty string: a selected customer. The proxy sends
+    // it as written; this CRM refuses it, and the till is told so (not `crmStatus: null`).
+    let blank = SALE_WITH_CUSTOMER.replace(r#""customerId":"customer-123""#, r#""customerId":" ""#);
+    let (_, v, _) = s.sale(&blank).await;
+    assert_eq!(v["crmStatus"]["invoiceCreated"], false, "{v}");
+    assert!(
+        v["crmStatus"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("customer_id"),
+        "{v}"
+    );
+    let ids: Vec<String> = s
+        .crm
+        .invoice_posts()
+        .iter()
+        .map(|p| {
+            p.json.as_ref().unwrap()["customer_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids, ["customer-123", " "]);
+}
+
+#[tokio::test]
+async fn a_crm_that_echoes_the_key_does_not_leak_it_to_the_till() {
+    let s = Stack::start().await;
+    s.crm.push_script(CrmScript::Status(
+        401,
+        format!(
+            r#"{{"success":false,"error":"Invalid API key '{}'"}}"#,
+            crate::support::KEY
+        ),
+    ));
+    let (_, v, text) = s.sale(SALE_WITH_CUSTOMER).await;
+    assert!(!text.contains(crate::support::KEY), "{text}");
+    assert_eq!(
+        v["crmStatus"]["error"].as_str().unwrap(),
+        "CRM API error: 401 Unauthorized - Invalid API key '[redacted]'; invoices are held until an operator fixes the API key"
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_pos_answer_passes_untouched_without_invoice() {
+    let s = Stack::start_with(SamplePosOptions::default(), |o| Opts {
+        max_response_body: 100,
+        ..o
+    })
+    .await;
+    let (status, v, text) = s.sale(SALE_WITH_CUSTOMER).await;
+    assert_eq!(status, 207);
+    assert_eq!(v["success"], true);
+    assert!(!text.contains("crmStatus"));
+    assert!(s.crm.invoice_posts().is_empty());
+}
+
+#[tokio::test]
+async fn expect_100_continue_works_on_the_sales_route() {
+    use tokio::io::AsyncWriteExt;
+    let s = Stack::start().await;
+    let mut sock = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
+    let head = format!(
+        "POST /api/sales HTTP/1.1\r\nHost: pos\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        SALE_WITH_CUSTOMER.len()
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    let interim = crate::support::raw::read_until(&mut sock, "\r\n\r\n").await;
+    assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim}");
+    sock.write_all(SALE_WITH_CUSTOMER.as_bytes()).await.unwrap();
+    let answer = crate::support::raw::read_until(&mut sock, "\"invoiceCreated\":true").await;
+    assert!(answer.contains("HTTP/1.1 207"), "{answer}");
 }

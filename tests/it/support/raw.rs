@@ -88,3 +88,56 @@ impl RawUpstream {
         }
     }
 }
+
+/// An upstream that answers the first request on each connection (keeping it alive), then
+/// reads the next request on that connection and closes without answering: a pooled socket
+/// that dies just as it is reused. Records every request head it read.
+pub struct OneAnswerPerConnection {
+    pub addr: SocketAddr,
+    pub requests: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for OneAnswerPerConnection {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl OneAnswerPerConnection {
+    pub async fn start() -> OneAnswerPerConnection {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let r = requests.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let head = read_until(&mut s, "\r\n\r\n").await;
+                    r.lock().unwrap().push(head);
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    let mut buf = [0u8; 4096];
+                    if let Ok(Ok(n)) = tokio::time::timeout(READ_LIMIT, s.read(&mut buf)).await {
+                        if n > 0 {
+                            r.lock()
+                                .unwrap()
+                                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                        }
+                    }
+                    // closes without answering the second request
+                });
+            }
+        });
+        OneAnswerPerConnection {
+            addr,
+            requests,
+            task,
+        }
+    }
+}
