@@ -174,9 +174,6 @@ mod tests {
                 ..Scripted::default()
             })
         }
-        fn push(&self, a: Result<CreatedInvoice, CrmError>) {
-            self.answers.lock().unwrap().push_back(a);
-        }
         fn calls(&self) -> Vec<(Instant, String, String)> {
             self.calls.lock().unwrap().clone()
         }
