@@ -140,6 +140,12 @@ impl Breaker {
         }
     }
 
+    /// Closed: normal sending. Inline attempts only go out then; probing is the worker's job,
+    /// so the backlog, not a new sale, learns first that the CRM is back.
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
     /// `closed`, `open` or `half_open`, for readiness and metrics.
     pub fn state_name(&self) -> &'static str {
         match self.phase {

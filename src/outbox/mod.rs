@@ -24,7 +24,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 
-use self::breaker::{Breaker, BreakerConfig, Permit, Signal, Transition};
+use self::breaker::{Breaker, BreakerConfig, Signal, Transition};
 use self::schedule::RetryPolicy;
 use self::store::{Enqueued, Job, State, Stats, Store, StoreError};
 use crate::crm::{CreatedInvoice, CrmClient, CrmError, Retry};
@@ -152,7 +152,8 @@ pub enum Attempt {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Health {
     pub writable: bool,
-    pub held: bool,
+    /// The CRM refused the key: nothing is sent until an operator releases the queue.
+    pub queue_held: bool,
     pub circuit: &'static str,
     pub crm_configured: bool,
     #[serde(flatten)]
@@ -235,7 +236,7 @@ impl Outbox {
         budget: Duration,
     ) -> CrmStatus {
         let now = self.clock.now_ms();
-        let blocked = self.blocked_reason(now);
+        let blocked = self.blocked_reason();
         let lease_until = blocked
             .is_none()
             .then(|| now + self.cfg.lease.as_millis() as i64);
@@ -281,7 +282,7 @@ impl Outbox {
     }
 
     /// Why an inline attempt should not be made now, if it should not.
-    fn blocked_reason(&self, now: i64) -> Option<String> {
+    fn blocked_reason(&self) -> Option<String> {
         if !self.sender.configured() {
             return Some(CrmError::NotConfigured.to_string());
         }
@@ -291,12 +292,10 @@ impl Outbox {
                     .into(),
             );
         }
-        match self.breaker().permit(now) {
-            Permit::Go | Permit::Probe => None,
-            Permit::Wait(_) => Some(
-                "CRM unavailable (circuit open after repeated failures); invoice queued".into(),
-            ),
+        if !self.breaker().is_closed() {
+            return Some("CRM unavailable (circuit open after repeated failures)".into());
         }
+        None
     }
 
     /// Sends one claimed job and records the outcome.
@@ -407,7 +406,7 @@ impl Outbox {
         let now = self.clock.now_ms();
         Health {
             writable: self.db.writable.load(Ordering::Relaxed),
-            held: self.held.load(Ordering::Relaxed),
+            queue_held: self.held.load(Ordering::Relaxed),
             circuit: self.breaker().state_name(),
             crm_configured: self.sender.configured(),
             depth: stats.depth(),

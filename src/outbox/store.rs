@@ -305,6 +305,22 @@ impl Store {
         lease_until: i64,
         limit: usize,
     ) -> Result<Vec<Job>, StoreError> {
+        self.claim(now, lease_until, limit, false)
+    }
+
+    /// Claims the oldest waiting job whether or not its back-off is over: the circuit
+    /// breaker's probe, which should be the job that has waited longest.
+    pub fn claim_oldest(&mut self, now: i64, lease_until: i64) -> Result<Option<Job>, StoreError> {
+        Ok(self.claim(now, lease_until, 1, true)?.pop())
+    }
+
+    fn claim(
+        &mut self,
+        now: i64,
+        lease_until: i64,
+        limit: usize,
+        ignore_backoff: bool,
+    ) -> Result<Vec<Job>, StoreError> {
         let path = self.path.clone();
         let err = |source| StoreError::Sqlite {
             path: path.clone(),
@@ -314,12 +330,12 @@ impl Store {
         let ids: Vec<i64> = {
             let mut stmt = tx
                 .prepare_cached(
-                    "SELECT id FROM jobs WHERE (state = 'pending' AND next_attempt_at <= ?1) \
+                    "SELECT id FROM jobs WHERE (state = 'pending' AND (?3 OR next_attempt_at <= ?1)) \
                      OR (state = 'in_flight' AND lease_until < ?1) ORDER BY id LIMIT ?2",
                 )
                 .map_err(err)?;
             let rows = stmt
-                .query_map(params![now, limit as i64], |r| r.get(0))
+                .query_map(params![now, limit as i64, ignore_backoff], |r| r.get(0))
                 .map_err(err)?;
             rows.collect::<Result<_, _>>().map_err(err)?
         };

@@ -59,14 +59,18 @@ impl Outbox {
                 }
             };
             let lease_until = now + self.cfg.lease.as_millis() as i64;
-            let Ok(mut jobs) = self
-                .db
-                .call(move |s| s.claim_due(now, lease_until, 1))
-                .await
-            else {
-                break;
+            let claimed = if probe {
+                self.db
+                    .call(move |s| s.claim_oldest(now, lease_until))
+                    .await
+            } else {
+                self.db
+                    .call(move |s| s.claim_due(now, lease_until, 1))
+                    .await
+                    .map(|mut jobs| jobs.pop())
             };
-            let Some(job) = jobs.pop() else {
+            let Ok(claimed) = claimed else { break };
+            let Some(job) = claimed else {
                 if probe {
                     self.breaker().probe_unused(now);
                 }

@@ -4,6 +4,7 @@
 mod admin_demo;
 mod binary;
 mod crm_outcomes;
+mod outbox;
 mod passthrough;
 mod sales;
 mod support;

@@ -34,6 +34,12 @@ pub struct Opts {
     pub max_request_body: usize,
     pub max_response_body: usize,
     pub intercept_paths: Vec<String>,
+    /// Short retry schedule so outbox tests run in well under a second.
+    pub retry_schedule_ms: Vec<u64>,
+    pub breaker_threshold: u32,
+    pub admin_token: Option<String>,
+    /// Reuse a data directory (restarts); a fresh temp dir otherwise.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Opts {
@@ -48,6 +54,10 @@ impl Default for Opts {
             max_request_body: 1024 * 1024,
             max_response_body: 8 * 1024 * 1024,
             intercept_paths: vec!["/api/sales".into()],
+            retry_schedule_ms: vec![100, 200, 400],
+            breaker_threshold: 3,
+            admin_token: None,
+            data_dir: None,
         }
     }
 }
@@ -72,6 +82,7 @@ impl Opts {
 [proxy]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
+admin_token = "{token}"
 shutdown_grace_ms = 2000
 [upstream]
 url = "http://{upstream}"
@@ -91,6 +102,13 @@ connect_timeout_ms = 500
 sync_budget_ms = {budget}
 [storage]
 data_dir = {data_dir:?}
+[outbox]
+retry_schedule_ms = [{schedule}]
+breaker_failure_threshold = {threshold}
+breaker_open_ms = 200
+breaker_max_open_ms = 400
+poll_interval_ms = 100
+drain_rate_per_sec = 500.0
 [log]
 level = "debug"
 "#,
@@ -103,6 +121,14 @@ level = "debug"
             crm_timeout = self.crm_timeout_ms,
             budget = self.sync_budget_ms,
             data_dir = data_dir.display().to_string(),
+            token = self.admin_token.clone().unwrap_or_default(),
+            schedule = self
+                .retry_schedule_ms
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            threshold = self.breaker_threshold,
         )
     }
 }
@@ -118,7 +144,11 @@ pub struct TestProxy {
 impl TestProxy {
     pub async fn start(upstream: SocketAddr, opts: Opts) -> TestProxy {
         let dir = tempfile::tempdir().unwrap();
-        let text = opts.toml(upstream, dir.path());
+        let data_dir = opts
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().to_path_buf());
+        let text = opts.toml(upstream, &data_dir);
         let config = Config::from_toml(&text, Path::new("test.toml"), &NoEnv).unwrap();
         let app = App::start(config).await.unwrap();
         TestProxy {
@@ -131,6 +161,14 @@ impl TestProxy {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    pub fn app(&self) -> &App {
+        self.app.as_ref().expect("running")
     }
 
     pub async fn shutdown(mut self) {
