@@ -617,7 +617,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ));
     }
     // A claimed job belongs to its claimer for longer than one CRM call can take.
-    let lease = crm.timeout + crm.connect_timeout + Duration::from_secs(10);
+    let lease = crm.timeout + crm.connect_timeout + Duration::from_secs(2);
     let outbox = OutboxConfig {
         synchronous_full: o.synchronous_full,
         retry: RetryPolicy {

@@ -3,6 +3,7 @@
 
 mod admin_demo;
 mod binary;
+mod crash;
 mod crm_outcomes;
 mod outbox;
 mod passthrough;
