@@ -69,6 +69,8 @@ async fn main() {
         base_url: crm.url(),
         api_key: Secret::new("bench-key"),
     });
+    let data = tempfile::tempdir().unwrap();
+    config.data_dir = data.path().to_path_buf();
     let app = App::start(config).await.unwrap();
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let direct = pos.url();
