@@ -16,13 +16,18 @@ fn run(full: bool, n: usize) -> f64 {
     let start = Instant::now();
     for i in 0..n {
         let sale = format!("POS_{i}");
-        store.enqueue(&sale, &sale, payload, i as i64, Some(i as i64 + 1000)).unwrap();
+        store
+            .enqueue(&sale, &sale, payload, i as i64, Some(i as i64 + 1000))
+            .unwrap();
     }
     n as f64 / start.elapsed().as_secs_f64()
 }
 
 fn main() {
-    let n: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(2000);
+    let n: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(2000);
     // interleave and repeat so drift hits both modes alike; report the median
     let mut full = Vec::new();
     let mut normal = Vec::new();

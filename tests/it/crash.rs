@@ -41,10 +41,21 @@ fn start(config: &std::path::Path, crm: &SampleCrm) -> Running {
         }
     });
     let addr = |line: &str, key: &str| -> SocketAddr {
-        line.split(key).nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+        line.split(key)
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     loop {
-        let line = rx.recv_timeout(Duration::from_secs(20)).expect("proxy did not start");
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("proxy did not start");
+        };
         if line.contains("pos-crm-proxy started") {
             return Running {
                 child,
@@ -69,14 +80,20 @@ async fn load(proxy: SocketAddr, answered: Arc<Mutex<Answered>>, stop: Arc<tokio
     loop {
         i += 1;
         let with_customer = i % 4 != 0;
-        let body = if with_customer { SALE_WITH_CUSTOMER } else { SALE_NO_CUSTOMER };
+        let body = if with_customer {
+            SALE_WITH_CUSTOMER
+        } else {
+            SALE_NO_CUSTOMER
+        };
         let send = c.post(&url).body(body).send();
         let resp = tokio::select! {
             r = send => r,
             _ = stop.notified() => return,
         };
         let Ok(resp) = resp else { return };
-        let Ok(v) = resp.json::<Value>().await else { return };
+        let Ok(v) = resp.json::<Value>().await else {
+            return;
+        };
         if v["success"] != true {
             continue;
         }
@@ -99,7 +116,10 @@ async fn sigkill_at_random_moments_loses_no_invoice_and_duplicates_none() {
     let pos = SamplePos::start(SamplePosOptions::default()).await.unwrap();
     let crm = SampleCrm::start(KEY).await.unwrap();
     // A CRM that takes a moment widens every window a kill can hit.
-    crm.set_default(CrmScript::Delay(Duration::from_millis(15), Box::new(CrmScript::Normal)));
+    crm.set_default(CrmScript::Delay(
+        Duration::from_millis(15),
+        Box::new(CrmScript::Normal),
+    ));
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
     std::fs::write(
@@ -137,7 +157,14 @@ async fn sigkill_at_random_moments_loses_no_invoice_and_duplicates_none() {
     let c = client();
     let mut depth = Value::Null;
     for _ in 0..400 {
-        let v: Value = c.get(format!("http://{}/readyz", last.admin)).send().await.unwrap().json().await.unwrap();
+        let v: Value = c
+            .get(format!("http://{}/readyz", last.admin))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         depth = v["outbox"]["depth"].clone();
         if depth == 0 {
             break;
@@ -151,11 +178,16 @@ async fn sigkill_at_random_moments_loses_no_invoice_and_duplicates_none() {
     let answered = answered.lock().unwrap();
     let mut per_sale: HashMap<String, usize> = HashMap::new();
     for inv in crm.invoices() {
-        *per_sale.entry(inv.pos_sale_id.clone().unwrap()).or_default() += 1;
+        *per_sale
+            .entry(inv.pos_sale_id.clone().unwrap())
+            .or_default() += 1;
     }
     let duplicated = per_sale.values().filter(|n| **n > 1).count();
     let expected: HashSet<&String> = answered.with_customer.iter().collect();
-    let lost = expected.iter().filter(|s| !per_sale.contains_key(**s)).count();
+    let lost = expected
+        .iter()
+        .filter(|s| !per_sale.contains_key(**s))
+        .count();
     let replays = crm
         .invoice_posts()
         .iter()
@@ -172,7 +204,13 @@ async fn sigkill_at_random_moments_loses_no_invoice_and_duplicates_none() {
         per_sale.keys().filter(|s| !expected.contains(s)).count(),
         replays,
     );
-    assert!(answered.with_customer.len() >= ROUNDS, "the load really ran");
-    assert_eq!(lost, 0, "seed {seed}: every answered sale with a customer has its invoice");
+    assert!(
+        answered.with_customer.len() >= ROUNDS,
+        "the load really ran"
+    );
+    assert_eq!(
+        lost, 0,
+        "seed {seed}: every answered sale with a customer has its invoice"
+    );
     assert_eq!(duplicated, 0, "seed {seed}: no sale has two invoices");
 }
