@@ -7,6 +7,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -15,12 +16,14 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::body::Body;
+use crate::metrics::{Metrics, RequestLabels};
 use crate::sales::SaleNote;
 
-/// Adds the access log around a service.
-#[derive(Debug, Clone, Copy)]
+/// Adds the access log (and the request counter) around a service.
+#[derive(Debug, Clone)]
 pub struct AccessLogLayer {
     pub enabled: bool,
+    pub metrics: Arc<Metrics>,
 }
 
 impl<S> Layer<S> for AccessLogLayer {
@@ -29,6 +32,7 @@ impl<S> Layer<S> for AccessLogLayer {
         AccessLog {
             inner,
             enabled: self.enabled,
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -38,6 +42,7 @@ impl<S> Layer<S> for AccessLogLayer {
 pub struct AccessLog<S> {
     inner: S,
     enabled: bool,
+    metrics: Arc<Metrics>,
 }
 
 impl<S> Service<Request<Body>> for AccessLog<S>
@@ -63,6 +68,7 @@ where
         LogFuture {
             inner: self.inner.call(req),
             start,
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -73,6 +79,7 @@ pin_project! {
         #[pin]
         inner: F,
         start: Option<(Instant, Method, String)>,
+        metrics: Arc<Metrics>,
     }
 }
 
@@ -85,6 +92,20 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let out = std::task::ready!(this.inner.poll(cx));
+        if let Ok(resp) = &out {
+            let route = if resp.extensions().get::<SaleNote>().is_some() {
+                "sales"
+            } else {
+                "passthrough"
+            };
+            this.metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    route,
+                    status: resp.status().as_u16(),
+                })
+                .inc();
+        }
         if let (Some((start, method, path)), Ok(resp)) = (this.start.take(), &out) {
             let latency_ms = format_args!("{:.3}", start.elapsed().as_secs_f64() * 1000.0);
             let status = resp.status().as_u16();

@@ -1,8 +1,9 @@
-//! The admin listener (loopback by default): health, readiness and the outbox.
+//! The admin listener (loopback by default): health, readiness, metrics and the outbox.
 //!
-//! `/healthz` says the process serves HTTP. `/readyz` says the proxy can take sales: listening
-//! and the outbox writable (it also reports depth, age, hold and circuit). `GET /outbox` lists
-//! jobs; `POST /outbox/retry` replays them and needs `Authorization: Bearer <admin token>`.
+//! `/healthz` says the process serves HTTP. `/readyz` says the proxy can take sales: listening,
+//! the POS reachable and the outbox writable (it also reports depth, age, hold and circuit).
+//! `/metrics` is the Prometheus text format. `GET /outbox` lists jobs; `POST /outbox/retry`
+//! replays them and needs `Authorization: Bearer <admin token>`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -10,15 +11,16 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
 use crate::body::Body;
-use crate::config::Secret;
+use crate::live::Live;
 use crate::outbox::store::State;
-use crate::outbox::{Outbox, RetryTarget};
+use crate::outbox::RetryTarget;
 
 /// Shared readiness flags.
 #[derive(Debug, Default)]
@@ -32,11 +34,15 @@ pub struct Admin {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
 struct Inner {
     readiness: Arc<Readiness>,
-    outbox: Arc<Outbox>,
-    token: Option<Secret>,
+    live: Arc<Live>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin").finish_non_exhaustive()
+    }
 }
 
 fn json(status: StatusCode, body: serde_json::Value) -> Response<Body> {
@@ -61,19 +67,43 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
 }
 
 impl Admin {
-    pub fn new(readiness: Arc<Readiness>, outbox: Arc<Outbox>, token: Option<Secret>) -> Self {
+    pub fn new(readiness: Arc<Readiness>, live: Arc<Live>) -> Self {
         Admin {
-            inner: Arc::new(Inner {
-                readiness,
-                outbox,
-                token,
-            }),
+            inner: Arc::new(Inner { readiness, live }),
         }
+    }
+
+    /// Whether a TCP connection to the POS can be opened (within a second).
+    async fn upstream_reachable(&self) -> bool {
+        let cfg = self.inner.live.config();
+        let authority = &cfg.upstream.authority;
+        let port =
+            authority
+                .port_u16()
+                .unwrap_or(if cfg.upstream.scheme == http::uri::Scheme::HTTPS {
+                    443
+                } else {
+                    80
+                });
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        matches!(
+            tokio::time::timeout(
+                Duration::from_secs(1),
+                tokio::net::TcpStream::connect((host.as_str(), port))
+            )
+            .await,
+            Ok(Ok(_))
+        )
     }
 
     /// `None` when the request carries the admin token, else the refusal to send.
     fn refusal(&self, req: &Request<Body>) -> Option<Response<Body>> {
-        let Some(token) = &self.inner.token else {
+        let config = self.inner.live.config();
+        let Some(token) = &config.admin_token else {
             return Some(error(
                 StatusCode::FORBIDDEN,
                 "write endpoints are disabled: set proxy.admin_token (PROXY_ADMIN_TOKEN)",
@@ -96,15 +126,16 @@ impl Admin {
                 .into_owned()
                 .collect();
         let param = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-        let outbox = &self.inner.outbox;
+        let outbox = &self.inner.live.outbox;
         match (req.method().clone(), path.as_str()) {
             (Method::GET | Method::HEAD, "/healthz") => {
                 json(StatusCode::OK, json!({"status": "ok"}))
             }
             (Method::GET | Method::HEAD, "/readyz") => {
                 let listening = self.inner.readiness.proxy_listening.load(Ordering::Acquire);
+                let upstream = self.upstream_reachable().await;
                 let health = outbox.health().await;
-                let ready = listening && health.writable;
+                let ready = listening && upstream && health.writable;
                 let status = if ready {
                     StatusCode::OK
                 } else {
@@ -115,9 +146,22 @@ impl Admin {
                     json!({
                         "status": if ready { "ready" } else { "not ready" },
                         "listening": listening,
+                        "upstream_reachable": upstream,
                         "outbox": health,
                     }),
                 )
+            }
+            (Method::GET | Method::HEAD, "/metrics") => {
+                let metrics = &self.inner.live.metrics;
+                metrics.observe_outbox(&outbox.health().await);
+                let mut resp = Response::new(Body::full(metrics.encode()));
+                resp.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                resp
             }
             (Method::GET | Method::HEAD, "/outbox") => {
                 let state = match param("state") {
@@ -177,7 +221,7 @@ impl Admin {
                     Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
                 }
             }
-            (_, "/healthz" | "/readyz" | "/outbox" | "/outbox/retry") => {
+            (_, "/healthz" | "/readyz" | "/metrics" | "/outbox" | "/outbox/retry") => {
                 error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
             }
             _ => error(StatusCode::NOT_FOUND, "not found"),

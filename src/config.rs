@@ -28,6 +28,8 @@ pub const ENV_OVERRIDES: &[&str] = &[
     "CRM_INTEGRATION_ENABLED",
     "PROXY_LOG_LEVEL",
     "PROXY_ADMIN_TOKEN",
+    "PROXY_TLS_CERT",
+    "PROXY_TLS_KEY",
 ];
 
 /// A configuration problem, with the key (or variable) it is about.
@@ -83,7 +85,28 @@ struct RawConfig {
     crm: RawCrm,
     storage: RawStorage,
     outbox: RawOutbox,
+    tls: RawTls,
     log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTls {
+    cert: String,
+    key: String,
+    client_ca: String,
+    handshake_timeout_ms: u64,
+}
+
+impl Default for RawTls {
+    fn default() -> Self {
+        RawTls {
+            cert: String::new(),
+            key: String::new(),
+            client_ca: String::new(),
+            handshake_timeout_ms: 10_000,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -94,6 +117,7 @@ struct RawProxy {
     admin_token: String,
     access_log: bool,
     shutdown_grace_ms: u64,
+    reload_poll_ms: u64,
 }
 
 impl fmt::Debug for RawProxy {
@@ -113,6 +137,7 @@ impl Default for RawProxy {
             admin_token: String::new(),
             access_log: true,
             shutdown_grace_ms: 10_000,
+            reload_poll_ms: 1_000,
         }
     }
 }
@@ -125,6 +150,7 @@ struct RawUpstream {
     timeout_ms: u64,
     pool_idle_timeout_ms: u64,
     pool_max_idle_per_host: usize,
+    ca_file: String,
 }
 
 impl Default for RawUpstream {
@@ -135,6 +161,7 @@ impl Default for RawUpstream {
             timeout_ms: 120_000,
             pool_idle_timeout_ms: 4_000,
             pool_max_idle_per_host: 64,
+            ca_file: String::new(),
         }
     }
 }
@@ -169,6 +196,7 @@ struct RawCrm {
     timeout_ms: u64,
     sync_budget_ms: u64,
     customer_cache_ttl_ms: u64,
+    ca_file: String,
 }
 
 impl fmt::Debug for RawCrm {
@@ -190,6 +218,7 @@ impl Default for RawCrm {
             timeout_ms: 10_000,
             sync_budget_ms: 1_500,
             customer_cache_ttl_ms: 600_000,
+            ca_file: String::new(),
         }
     }
 }
@@ -270,6 +299,10 @@ pub struct Config {
     pub access_log: bool,
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// How often the config file is checked for changes (`None`: only SIGHUP reloads).
+    pub reload_poll: Option<Duration>,
+    /// TLS termination; `None` serves plain HTTP (TLS terminated elsewhere, or none).
+    pub tls: Option<TlsConfig>,
     pub upstream: UpstreamConfig,
     pub sales: SalesConfig,
     pub crm: CrmConfig,
@@ -278,8 +311,18 @@ pub struct Config {
     pub log: LogConfig,
 }
 
+/// The listener's certificate, key and optional client-certificate CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by one of these CAs (mTLS).
+    pub client_ca: Option<PathBuf>,
+    pub handshake_timeout: Duration,
+}
+
 /// Where the POS is and how long it may take.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
     pub scheme: Scheme,
     pub authority: Authority,
@@ -290,10 +333,12 @@ pub struct UpstreamConfig {
     /// proxy never reuses a socket the POS is about to close.
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// Extra trusted roots for an `https://` POS (the system roots are always trusted).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// What is intercepted and how much of it is read.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SalesConfig {
     pub intercept_paths: Vec<String>,
     pub max_request_body: usize,
@@ -302,7 +347,7 @@ pub struct SalesConfig {
 }
 
 /// The CRM integration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CrmConfig {
     /// `false`: the proxy is a pure passthrough, nothing is intercepted.
     pub enabled: bool,
@@ -314,10 +359,12 @@ pub struct CrmConfig {
     /// How long a sale's response waits for the CRM before answering without it.
     pub sync_budget: Duration,
     pub customer_cache_ttl: Duration,
+    /// Extra trusted roots for an `https://` CRM (the system roots are always trusted).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A configured CRM: base URL (no trailing slash) and API key.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CrmEndpoint {
     pub base_url: String,
     pub api_key: Secret,
@@ -329,7 +376,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
     /// A `tracing` filter directive such as `info` or `pos_crm_proxy=debug,info`.
     pub level: String,
@@ -426,6 +473,12 @@ fn apply_env(raw: &mut RawConfig, env: &dyn Env) -> Result<(), ConfigError> {
     if let Some(v) = env.var("PROXY_ADMIN_TOKEN") {
         raw.proxy.admin_token = v;
     }
+    if let Some(v) = env.var("PROXY_TLS_CERT") {
+        raw.tls.cert = v;
+    }
+    if let Some(v) = env.var("PROXY_TLS_KEY") {
+        raw.tls.key = v;
+    }
     Ok(())
 }
 
@@ -444,6 +497,11 @@ fn addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
             format!("expected IP:PORT such as 127.0.0.1:8080, got {v:?}"),
         )
     })
+}
+
+fn path_opt(v: &str) -> Option<PathBuf> {
+    let v = v.trim();
+    (!v.is_empty()).then(|| PathBuf::from(v))
 }
 
 fn millis(key: &str, ms: u64) -> Result<Duration, ConfigError> {
@@ -480,10 +538,13 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             format!("expected http://HOST:PORT, got {:?}", raw.upstream.url),
         ));
     };
-    if scheme != Scheme::HTTP {
+    if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
         return Err(invalid(
             "upstream.url",
-            "only http:// upstreams are supported (the POS runs beside the proxy)",
+            format!(
+                "expected an http:// or https:// URL, got {:?}",
+                raw.upstream.url
+            ),
         ));
     }
     if !matches!(upstream_uri.path(), "" | "/") || upstream_uri.query().is_some() {
@@ -505,6 +566,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             raw.upstream.pool_idle_timeout_ms,
         )?,
         pool_max_idle_per_host: raw.upstream.pool_max_idle_per_host,
+        ca_file: path_opt(&raw.upstream.ca_file),
     };
 
     if raw.sales.intercept_paths.is_empty() {
@@ -581,6 +643,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         timeout: crm_timeout,
         sync_budget: millis("crm.sync_budget_ms", raw.crm.sync_budget_ms)?,
         customer_cache_ttl: Duration::from_millis(raw.crm.customer_cache_ttl_ms),
+        ca_file: path_opt(&raw.crm.ca_file),
     };
 
     let o = &raw.outbox;
@@ -649,6 +712,23 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     }
     let admin_token = (!admin_token.is_empty()).then(|| Secret::new(admin_token));
 
+    let tls = match (path_opt(&raw.tls.cert), path_opt(&raw.tls.key)) {
+        (None, None) => {
+            if !raw.tls.client_ca.trim().is_empty() {
+                return Err(invalid("tls.client_ca", "needs tls.cert and tls.key"));
+            }
+            None
+        }
+        (Some(cert), Some(key)) => Some(TlsConfig {
+            cert,
+            key,
+            client_ca: path_opt(&raw.tls.client_ca),
+            handshake_timeout: millis("tls.handshake_timeout_ms", raw.tls.handshake_timeout_ms)?,
+        }),
+        (Some(_), None) => return Err(invalid("tls.key", "tls.cert is set but tls.key is not")),
+        (None, Some(_)) => return Err(invalid("tls.cert", "tls.key is set but tls.cert is not")),
+    };
+
     if raw.storage.data_dir.trim().is_empty() {
         return Err(invalid("storage.data_dir", "must not be empty"));
     }
@@ -678,6 +758,9 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         admin_token,
         access_log: raw.proxy.access_log,
         shutdown_grace: millis("proxy.shutdown_grace_ms", raw.proxy.shutdown_grace_ms)?,
+        reload_poll: (raw.proxy.reload_poll_ms > 0)
+            .then(|| Duration::from_millis(raw.proxy.reload_poll_ms)),
+        tls,
         upstream,
         sales,
         crm,
@@ -742,6 +825,9 @@ mod tests {
         for (text, key) in [
             ("[proxy]\nlisten = \"localhost\"\n", "proxy.listen"),
             ("[upstream]\nurl = \"ftp://x\"\n", "upstream.url"),
+            ("[tls]\ncert = \"a.pem\"\n", "tls.key"),
+            ("[tls]\nkey = \"a.pem\"\n", "tls.cert"),
+            ("[tls]\nclient_ca = \"ca.pem\"\n", "tls.client_ca"),
             ("[upstream]\nurl = \"http://x:3000/base\"\n", "upstream.url"),
             ("[upstream]\ntimeout_ms = 0\n", "upstream.timeout_ms"),
             ("[crm]\napi_url = \"not a url\"\n", "crm.api_url"),

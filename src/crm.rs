@@ -133,7 +133,18 @@ pub struct BuildError(String);
 
 impl CrmClient {
     pub fn new(cfg: &CrmConfig) -> Result<Self, BuildError> {
-        let http = reqwest::Client::builder()
+        crate::tls::install_crypto_provider();
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = &cfg.ca_file {
+            for cert in
+                crate::tls::load_certs("CRM CA", path).map_err(|e| BuildError(e.to_string()))?
+            {
+                let cert = reqwest::Certificate::from_der(&cert)
+                    .map_err(|e| BuildError(format!("CRM CA {}: {e}", path.display())))?;
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(cfg.connect_timeout)
             .timeout(cfg.timeout)

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::crm::CrmClient;
-use crate::outbox::Outbox;
+use crate::live::CrmHandle;
+use crate::outbox::{Outbox, Sender};
 use crate::sales::model::{CrmStatus, InvoicePayload, Sale};
 
 /// A completed sale with a customer, ready to become an invoice.
@@ -44,7 +44,7 @@ pub fn outcome_label(status: &CrmStatus) -> &'static str {
 /// Creates invoices for completed sales, through the durable outbox.
 #[derive(Debug, Clone)]
 pub struct Invoicer {
-    crm: Arc<CrmClient>,
+    crm: Arc<CrmHandle>,
     outbox: Arc<Outbox>,
     budget: Duration,
     default_currency: Arc<str>,
@@ -52,7 +52,7 @@ pub struct Invoicer {
 
 impl Invoicer {
     pub fn new(
-        crm: Arc<CrmClient>,
+        crm: Arc<CrmHandle>,
         outbox: Arc<Outbox>,
         budget: Duration,
         default_currency: &str,
@@ -71,10 +71,11 @@ impl Invoicer {
         let deadline = Instant::now() + self.budget;
         let customer = match &req.sale.customer_name {
             Some(name) => name.clone(),
-            None if self.crm.is_configured() => {
+            None if self.crm.configured() => {
                 // At most half the budget for the name: the invoice itself needs the rest.
                 let within = self.budget / 2;
                 self.crm
+                    .current()
                     .customer_name(&req.customer_id, within)
                     .await
                     .unwrap_or_else(|| req.customer_id.clone())

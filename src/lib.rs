@@ -14,6 +14,8 @@ pub mod encoding;
 pub mod error;
 pub mod invoice;
 pub mod json;
+pub mod live;
+pub mod metrics;
 pub mod outbox;
 pub mod sales;
 pub mod server;

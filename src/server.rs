@@ -58,9 +58,22 @@ pub fn http_builder() -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// The current TLS settings of a listener, read at every accept so a certificate reload
+/// applies to the next connection. `None`: plain HTTP.
+pub type TlsSource = Arc<dyn Fn() -> Option<(Arc<rustls::ServerConfig>, Duration)> + Send + Sync>;
+
+/// How a listener serves.
+#[derive(Clone, Default)]
+pub struct ServeOptions {
+    /// After shutdown, open connections may finish in-flight requests for this long.
+    pub grace: Duration,
+    pub tls: Option<TlsSource>,
+    pub handshake_failures: Option<prometheus_client::metrics::counter::Counter>,
+}
+
 /// Serves `service` on `listener` until `shutdown`, then lets open connections finish their
-/// in-flight requests for at most `grace`.
-pub async fn serve<S>(listener: TcpListener, service: S, mut shutdown: Shutdown, grace: Duration)
+/// in-flight requests for at most `opts.grace`.
+pub async fn serve<S>(listener: TcpListener, service: S, mut shutdown: Shutdown, opts: ServeOptions)
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
         + Clone
@@ -84,26 +97,68 @@ where
             _ = shutdown.requested() => break,
         };
         let _ = stream.set_nodelay(true);
-        let info = ConnInfo { peer, tls: false };
         let svc = service.clone();
-        let hyper_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let mut req = req.map(Body::from);
-            req.extensions_mut().insert(info);
-            svc.clone().oneshot(req)
-        });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), hyper_svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        match opts.tls.as_ref().and_then(|tls| tls()) {
+            None => {
+                let info = ConnInfo { peer, tls: false };
+                tokio::spawn(serve_connection(builder, watcher, stream, svc, info));
             }
-        });
+            Some((config, handshake_timeout)) => {
+                let failures = opts.handshake_failures.clone();
+                tokio::spawn(async move {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let info = ConnInfo { peer, tls: true };
+                            serve_connection(builder, watcher, tls, svc, info).await;
+                        }
+                        Ok(Err(e)) => {
+                            if let Some(f) = failures {
+                                f.inc();
+                            }
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            if let Some(f) = failures {
+                                f.inc();
+                            }
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                        }
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => tracing::debug!("all connections closed"),
-        _ = tokio::time::sleep(grace) => tracing::warn!(grace_ms = grace.as_millis() as u64, "grace period over, closing remaining connections"),
+        _ = tokio::time::sleep(opts.grace) => tracing::warn!(grace_ms = opts.grace.as_millis() as u64, "grace period over, closing remaining connections"),
+    }
+}
+
+async fn serve_connection<I, S>(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: hyper_util::server::graceful::Watcher,
+    io: I,
+    service: S,
+    info: ConnInfo,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let hyper_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let mut req = req.map(Body::from);
+        req.extensions_mut().insert(info);
+        service.clone().oneshot(req)
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), hyper_svc);
+    if let Err(e) = watcher.watch(conn.into_owned()).await {
+        tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
     }
 }

@@ -22,7 +22,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use crate::body::Body;
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
+use crate::metrics::{Metrics, OutcomeLabels};
 use crate::server::ConnInfo;
+use crate::tls::{self, TlsError};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -41,19 +43,29 @@ pub struct Upstream {
     inner: Arc<Inner>,
 }
 
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
 struct Inner {
-    client: Client<HttpConnector, Body>,
+    client: Client<Connector, Body>,
+    metrics: Arc<Metrics>,
     scheme: Scheme,
     authority: Authority,
     timeout: Duration,
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(cfg.connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
+    pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Self, TlsError> {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        http.enforce_http(false);
+        // https:// POS: verified against the system roots plus `upstream.ca_file`.
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls::client_config(cfg.ca_file.as_deref())?)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
@@ -65,14 +77,15 @@ impl Upstream {
             // Only requests that never reached the socket are retried, so a POST is never sent twice.
             .retry_canceled_requests(true)
             .build(connector);
-        Upstream {
+        Ok(Upstream {
             inner: Arc::new(Inner {
                 client,
+                metrics,
                 scheme: cfg.scheme.clone(),
                 authority: cfg.authority.clone(),
                 timeout: cfg.timeout,
             }),
-        }
+        })
     }
 
     /// Sends `req` to the POS and returns its answer, or the proxy's error answer.
@@ -143,6 +156,7 @@ impl Upstream {
             };
             Some(rx)
         };
+        let started = std::time::Instant::now();
         let sent = self.inner.client.request(req);
         let deadline = async {
             if let Some(rx) = body_sent {
@@ -150,10 +164,21 @@ impl Upstream {
             }
             tokio::time::sleep(timeout).await;
         };
-        tokio::select! {
+        let result = tokio::select! {
             result = sent => result.map_err(|e| if is_stale(&e) { SendError::Stale(e) } else { SendError::Failed(e) }),
             _ = deadline => Err(SendError::Timeout(timeout)),
-        }
+        };
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(SendError::Timeout(_)) => "timeout",
+            Err(_) => "error",
+        };
+        self.inner
+            .metrics
+            .upstream_duration
+            .get_or_create(&OutcomeLabels { outcome })
+            .observe(started.elapsed().as_secs_f64());
+        result
     }
 
     /// Rewrites the request for the upstream hop: origin URI of the POS, HTTP/1.1, hop-by-hop

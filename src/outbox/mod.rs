@@ -28,6 +28,7 @@ use self::breaker::{Breaker, BreakerConfig, Signal, Transition};
 use self::schedule::RetryPolicy;
 use self::store::{Enqueued, Job, State, Stats, Store, StoreError};
 use crate::crm::{CreatedInvoice, CrmClient, CrmError, Retry};
+use crate::metrics::{Metrics, OutcomeLabels};
 use crate::sales::model::CrmStatus;
 
 /// Sends an invoice to the CRM. The real one is [`CrmClient`]; tests script their own.
@@ -85,7 +86,7 @@ impl Default for Clock {
 }
 
 /// The outbox settings (`[outbox]` in the config).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct OutboxConfig {
     pub synchronous_full: bool,
     pub retry: RetryPolicy,
@@ -174,6 +175,7 @@ pub struct Outbox {
     wake: Notify,
     /// Every delivery attempt, so shutdown can wait for them.
     tasks: TaskTracker,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -191,6 +193,7 @@ impl Outbox {
         cfg: OutboxConfig,
         sender: Arc<dyn Sender>,
         clock: Clock,
+        metrics: Arc<Metrics>,
     ) -> Result<Outbox, StoreError> {
         let store = Store::open(data_dir, cfg.synchronous_full)?;
         let held = store.any_held()?;
@@ -207,6 +210,7 @@ impl Outbox {
             held: AtomicBool::new(held),
             wake: Notify::new(),
             tasks: TaskTracker::new(),
+            metrics,
         })
     }
 
@@ -366,6 +370,16 @@ impl Outbox {
                 }
             },
         };
+        let outcome = match &attempt {
+            Attempt::Delivered(_) => "delivered",
+            Attempt::Retrying(_) => "retry",
+            Attempt::Held(_) => "held",
+            Attempt::Dead(..) => "dead",
+        };
+        self.metrics
+            .crm_attempts
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
         let signal = match &attempt {
             Attempt::Retrying(_) => Signal::Down,
             _ => Signal::Up,

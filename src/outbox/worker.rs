@@ -238,9 +238,15 @@ mod tests {
     async fn rig(crm: Arc<Scripted>, cfg: OutboxConfig) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Arc::new(
-            Outbox::open(dir.path(), cfg, crm.clone(), Clock::new())
-                .unwrap()
-                .with_inline_store(),
+            Outbox::open(
+                dir.path(),
+                cfg,
+                crm.clone(),
+                Clock::new(),
+                Default::default(),
+            )
+            .unwrap()
+            .with_inline_store(),
         );
         let (stop, shutdown) = Shutdown::new();
         let worker = tokio::spawn(outbox.clone().run_worker(shutdown));
@@ -456,6 +462,7 @@ mod tests {
                 config(RetryPolicy::default(), 5),
                 slow.clone(),
                 Clock::new(),
+                Default::default(),
             )
             .unwrap()
             .with_inline_store(),

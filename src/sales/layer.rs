@@ -8,6 +8,7 @@ use tower::Layer;
 use super::service::SalesService;
 use crate::config::Config;
 use crate::invoice::Invoicer;
+use crate::metrics::Metrics;
 
 /// What the sales route needs, shared by every request.
 #[derive(Debug)]
@@ -20,10 +21,11 @@ pub struct SalesContext {
     /// How long the till waits for the POS's answer to a sale (then 504; the sale task goes on).
     pub answer_timeout: std::time::Duration,
     pub invoicer: Invoicer,
+    pub metrics: Arc<Metrics>,
 }
 
 impl SalesContext {
-    pub fn new(config: &Config, invoicer: Invoicer) -> Self {
+    pub fn new(config: &Config, invoicer: Invoicer, metrics: Arc<Metrics>) -> Self {
         SalesContext {
             enabled: config.crm.enabled,
             paths: config.sales.intercept_paths.clone(),
@@ -31,6 +33,7 @@ impl SalesContext {
             max_response_body: config.sales.max_response_body,
             answer_timeout: config.upstream.timeout,
             invoicer,
+            metrics,
         }
     }
 

@@ -30,6 +30,7 @@ use crate::encoding;
 use crate::error::ProxyError;
 use crate::invoice::{outcome_label, utc_date_today, InvoiceRequest};
 use crate::json::Object;
+use crate::metrics::OutcomeLabels;
 use crate::upstream::UpstreamTimeout;
 
 /// Validators and digests that no longer match a rewritten body.
@@ -294,6 +295,12 @@ async fn finish_sale(
         None => (Outcome::NoCustomer, "no-customer"),
         Some(s) => (Outcome::Crm(s), outcome_label(s)),
     };
+    if crm_status.is_some() {
+        ctx.metrics
+            .invoices
+            .get_or_create(&OutcomeLabels { outcome: label })
+            .inc();
+    }
     let rewritten = match rewrite(&decoded, parts.status, outcome) {
         Ok(r) => r,
         Err(e) => {
