@@ -5,9 +5,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use pos_crm_proxy::app::{ConfigSource, LogLevelFn, Startup};
 use pos_crm_proxy::config::{Config, LogFormat, ProcessEnv};
 use pos_crm_proxy::demo::Demo;
 use pos_crm_proxy::outbox::cli;
@@ -27,7 +29,7 @@ struct Cli {
     #[arg(long, short = 'c', value_name = "PATH", env = "PROXY_CONFIG")]
     config: Option<PathBuf>,
 
-    /// Log output format (overrides `log.format`).
+    /// Log output format (overrides `log.format`): text or json.
     #[arg(long, value_enum, value_name = "FORMAT")]
     log_format: Option<CliLogFormat>,
 
@@ -133,9 +135,16 @@ fn main() -> ExitCode {
             CliLogFormat::Json => LogFormat::Json,
         };
     }
-    if !quiet {
-        init_logging(&level, format);
-    }
+    let log_level = (!quiet).then(|| init_logging(&level, format));
+    let startup = Startup {
+        source: Some(ConfigSource {
+            path: path.clone(),
+            required,
+            env: Arc::new(ProcessEnv),
+        }),
+        log_level,
+        sighup: true,
+    };
 
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
@@ -143,7 +152,9 @@ fn main() -> ExitCode {
             println!("configuration OK");
             Ok(())
         }
-        Command::Run => runtime().and_then(|rt| rt.block_on(run(config.expect("loaded above")))),
+        Command::Run => {
+            runtime().and_then(|rt| rt.block_on(run(config.expect("loaded above"), startup)))
+        }
         Command::Demo {
             listen,
             admin_listen,
@@ -160,20 +171,33 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(level: &str, format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
+/// Installs the global subscriber; returns the handle that changes the level on reload.
+fn init_logging(level: &str, format: LogFormat) -> LogLevelFn {
+    use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{reload, EnvFilter};
+    let from_env = std::env::var_os("RUST_LOG").is_some();
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => tracing_subscriber::registry().with(filter).with(fmt).init(),
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(filter)
+            .with(fmt.json())
+            .init(),
     }
+    Arc::new(move |level: &str| {
+        if from_env {
+            return Err("RUST_LOG is set and wins over log.level".to_string());
+        }
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -209,8 +233,8 @@ fn outbox(cmd: OutboxCommand, config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
-    let app = App::start(config).await?;
+async fn run(config: Config, startup: Startup) -> anyhow::Result<()> {
+    let app = App::start_with(config, startup).await?;
     shutdown_signal().await?;
     tracing::info!("shutting down");
     app.shutdown().await;

@@ -5,6 +5,7 @@ mod admin_demo;
 mod binary;
 mod crash;
 mod crm_outcomes;
+mod ops;
 mod outbox;
 mod passthrough;
 mod sales;

@@ -2,13 +2,16 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod raw;
 pub mod upstream;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use pos_crm_proxy::app::{ConfigSource, Startup};
 use pos_crm_proxy::config::{Config, NoEnv};
 use pos_crm_proxy::demo::sample_crm::SampleCrm;
 use pos_crm_proxy::demo::sample_pos::{SamplePos, SamplePosOptions};
@@ -40,6 +43,10 @@ pub struct Opts {
     pub admin_token: Option<String>,
     /// Reuse a data directory (restarts); a fresh temp dir otherwise.
     pub data_dir: Option<std::path::PathBuf>,
+    /// TLS certificate, key and optional client CA for the listener.
+    pub tls: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
+    /// Watch the config file this often (0: only explicit reloads).
+    pub reload_poll_ms: u64,
 }
 
 impl Default for Opts {
@@ -58,6 +65,8 @@ impl Default for Opts {
             breaker_threshold: 3,
             admin_token: None,
             data_dir: None,
+            tls: None,
+            reload_poll_ms: 0,
         }
     }
 }
@@ -84,6 +93,7 @@ listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 admin_token = "{token}"
 shutdown_grace_ms = 2000
+reload_poll_ms = {reload_poll}
 [upstream]
 url = "http://{upstream}"
 timeout_ms = {upstream_timeout}
@@ -109,6 +119,7 @@ breaker_open_ms = 200
 breaker_max_open_ms = 400
 poll_interval_ms = 100
 drain_rate_per_sec = 500.0
+{tls}
 [log]
 level = "debug"
 "#,
@@ -129,6 +140,18 @@ level = "debug"
                 .collect::<Vec<_>>()
                 .join(", "),
             threshold = self.breaker_threshold,
+            reload_poll = self.reload_poll_ms,
+            tls = match &self.tls {
+                None => String::new(),
+                Some((cert, key, ca)) => format!(
+                    "[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+                    cert.display().to_string(),
+                    key.display().to_string(),
+                    ca.as_ref()
+                        .map(|c| c.display().to_string())
+                        .unwrap_or_default()
+                ),
+            },
         )
     }
 }
@@ -138,25 +161,44 @@ pub struct TestProxy {
     app: Option<App>,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    pub upstream: SocketAddr,
     pub dir: tempfile::TempDir,
 }
 
 impl TestProxy {
+    /// Writes the config file for `opts` and starts the proxy from it (so `reload` re-reads it).
     pub async fn start(upstream: SocketAddr, opts: Opts) -> TestProxy {
         let dir = tempfile::tempdir().unwrap();
-        let data_dir = opts
-            .data_dir
-            .clone()
-            .unwrap_or_else(|| dir.path().to_path_buf());
-        let text = opts.toml(upstream, &data_dir);
-        let config = Config::from_toml(&text, Path::new("test.toml"), &NoEnv).unwrap();
-        let app = App::start(config).await.unwrap();
+        let path = Self::write_config(dir.path(), upstream, &opts);
+        let config = Config::load(&path, true, &NoEnv).unwrap();
+        let startup = Startup {
+            source: Some(ConfigSource {
+                path,
+                required: true,
+                env: Arc::new(NoEnv),
+            }),
+            ..Startup::default()
+        };
+        let app = App::start_with(config, startup).await.unwrap();
         TestProxy {
             addr: app.proxy_addr(),
             admin: app.admin_addr(),
+            upstream,
             app: Some(app),
             dir,
         }
+    }
+
+    fn write_config(dir: &Path, upstream: SocketAddr, opts: &Opts) -> PathBuf {
+        let data_dir = opts.data_dir.clone().unwrap_or_else(|| dir.to_path_buf());
+        let path = dir.join("config.toml");
+        std::fs::write(&path, opts.toml(upstream, &data_dir)).unwrap();
+        path
+    }
+
+    /// Replaces the config file with the one for `opts` (a reload or the watcher applies it).
+    pub fn rewrite_config(&self, opts: &Opts) -> PathBuf {
+        Self::write_config(self.dir.path(), self.upstream, opts)
     }
 
     pub fn url(&self, path: &str) -> String {
