@@ -21,7 +21,9 @@ use pos_crm_proxy::App;
 ///
 /// Environment variables override the config file: POS_UPSTREAM_URL, PROXY_LISTEN,
 /// PROXY_ADMIN_LISTEN, PROXY_DATA_DIR, CRM_API_URL, CRM_API_KEY, CRM_INTEGRATION_ENABLED,
-/// PROXY_LOG_LEVEL, PROXY_ADMIN_TOKEN (RUST_LOG, when set, wins over every log level setting).
+/// PROXY_LOG_LEVEL, PROXY_ADMIN_TOKEN, PROXY_TLS_CERT, PROXY_TLS_KEY (RUST_LOG, when set, wins
+/// over every log level setting). SIGHUP, or a change of the config file, reloads it without
+/// dropping connections; SIGTERM/SIGINT shut down gracefully.
 #[derive(Debug, Parser)]
 #[command(name = "pos-crm-proxy", version, about, long_about)]
 struct Cli {
