@@ -126,6 +126,7 @@ impl Reloader {
         keep!(outbox, "outbox");
         keep!(shutdown_grace, "proxy.shutdown_grace_ms");
         keep!(reload_poll, "proxy.reload_poll_ms");
+        keep!(limits, "limits");
         if new.log.format != old.config.log.format {
             report.need_restart.push("log.format");
             new.log.format = old.config.log.format;
@@ -294,6 +295,7 @@ impl App {
                 LiveService { live: live.clone() },
                 shutdown.clone(),
                 ServeOptions {
+                    limits: config.limits,
                     grace,
                     tls: Some(live.tls_source()),
                     handshake_failures: Some(metrics.tls_handshake_failures.clone()),
@@ -304,8 +306,10 @@ impl App {
                 Admin::new(readiness.clone(), live.clone()),
                 shutdown.clone(),
                 ServeOptions {
+                    limits: config.limits,
                     grace: Duration::from_secs(1),
-                    ..ServeOptions::default()
+                    tls: None,
+                    handshake_failures: None,
                 },
             )),
         ];

@@ -30,6 +30,8 @@ pub const ENV_OVERRIDES: &[&str] = &[
     "PROXY_ADMIN_TOKEN",
     "PROXY_TLS_CERT",
     "PROXY_TLS_KEY",
+    "CRM_API_KEY_FILE",
+    "PROXY_ADMIN_TOKEN_FILE",
 ];
 
 /// A configuration problem, with the key (or variable) it is about.
@@ -86,7 +88,36 @@ struct RawConfig {
     storage: RawStorage,
     outbox: RawOutbox,
     tls: RawTls,
+    limits: RawLimits,
     log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    max_header_bytes: usize,
+    max_headers: usize,
+    header_read_timeout_ms: u64,
+    sale_body_read_timeout_ms: u64,
+    max_connections: usize,
+    h2_max_concurrent_streams: u32,
+    h2_max_pending_accept_reset_streams: usize,
+    h2_max_local_error_reset_streams: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            header_read_timeout_ms: 30_000,
+            sale_body_read_timeout_ms: 30_000,
+            max_connections: 4096,
+            h2_max_concurrent_streams: 200,
+            h2_max_pending_accept_reset_streams: 20,
+            h2_max_local_error_reset_streams: 100,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +146,7 @@ struct RawProxy {
     listen: String,
     admin_listen: String,
     admin_token: String,
+    admin_token_file: String,
     access_log: bool,
     shutdown_grace_ms: u64,
     reload_poll_ms: u64,
@@ -135,6 +167,7 @@ impl Default for RawProxy {
             listen: "127.0.0.1:8080".into(),
             admin_listen: "127.0.0.1:9090".into(),
             admin_token: String::new(),
+            admin_token_file: String::new(),
             access_log: true,
             shutdown_grace_ms: 10_000,
             reload_poll_ms: 1_000,
@@ -192,6 +225,7 @@ struct RawCrm {
     enabled: bool,
     api_url: String,
     api_key: String,
+    api_key_file: String,
     connect_timeout_ms: u64,
     timeout_ms: u64,
     sync_budget_ms: u64,
@@ -214,6 +248,7 @@ impl Default for RawCrm {
             enabled: true,
             api_url: String::new(),
             api_key: String::new(),
+            api_key_file: String::new(),
             connect_timeout_ms: 1_000,
             timeout_ms: 10_000,
             sync_budget_ms: 1_500,
@@ -303,12 +338,34 @@ pub struct Config {
     pub reload_poll: Option<Duration>,
     /// TLS termination; `None` serves plain HTTP (TLS terminated elsewhere, or none).
     pub tls: Option<TlsConfig>,
+    /// What a client may send and hold.
+    pub limits: Limits,
     pub upstream: UpstreamConfig,
     pub sales: SalesConfig,
     pub crm: CrmConfig,
     pub data_dir: PathBuf,
     pub outbox: OutboxConfig,
     pub log: LogConfig,
+}
+
+/// Limits on clients, with safe defaults. None of them refuses passthrough traffic because of
+/// the sales route's own limits (those are in [`SalesConfig`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request head (HTTP/1 read buffer; HTTP/2 header list); larger: 431.
+    pub max_header_bytes: usize,
+    /// Most header fields in an HTTP/1 request; more: 431.
+    pub max_headers: usize,
+    /// A request head must arrive within this (slowloris); it also closes an HTTP/1
+    /// keep-alive connection that stays idle this long.
+    pub header_read_timeout: Duration,
+    /// A sale's request body must arrive within this; else 408 and nothing reaches the POS.
+    pub sale_body_read_timeout: Duration,
+    /// Connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    pub h2_max_concurrent_streams: u32,
+    pub h2_max_pending_accept_reset_streams: usize,
+    pub h2_max_local_error_reset_streams: usize,
 }
 
 /// The listener's certificate, key and optional client-certificate CA.
@@ -456,8 +513,14 @@ fn apply_env(raw: &mut RawConfig, env: &dyn Env) -> Result<(), ConfigError> {
     if let Some(v) = env.var("CRM_API_URL") {
         raw.crm.api_url = v;
     }
+    // A secret from the environment replaces the file's, whichever form either uses.
+    if let Some(v) = env.var("CRM_API_KEY_FILE") {
+        raw.crm.api_key_file = v;
+        raw.crm.api_key.clear();
+    }
     if let Some(v) = env.var("CRM_API_KEY") {
         raw.crm.api_key = v;
+        raw.crm.api_key_file.clear();
     }
     if let Some(v) = env.var("CRM_INTEGRATION_ENABLED") {
         raw.crm.enabled = parse_bool(&v).ok_or_else(|| {
@@ -470,8 +533,13 @@ fn apply_env(raw: &mut RawConfig, env: &dyn Env) -> Result<(), ConfigError> {
     if let Some(v) = env.var("PROXY_LOG_LEVEL") {
         raw.log.level = v;
     }
+    if let Some(v) = env.var("PROXY_ADMIN_TOKEN_FILE") {
+        raw.proxy.admin_token_file = v;
+        raw.proxy.admin_token.clear();
+    }
     if let Some(v) = env.var("PROXY_ADMIN_TOKEN") {
         raw.proxy.admin_token = v;
+        raw.proxy.admin_token_file.clear();
     }
     if let Some(v) = env.var("PROXY_TLS_CERT") {
         raw.tls.cert = v;
@@ -497,6 +565,22 @@ fn addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
             format!("expected IP:PORT such as 127.0.0.1:8080, got {v:?}"),
         )
     })
+}
+
+/// A secret given inline or as a file (one of the two). The file's content is never part of an
+/// error message; only its path is.
+fn secret_value(key: &str, inline: &str, file: &str) -> Result<String, ConfigError> {
+    let file_key = format!("{key}_file");
+    match (inline.trim(), file.trim()) {
+        (v, "") => Ok(v.to_string()),
+        ("", path) => std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .map_err(|e| invalid(&file_key, format!("cannot read {path}: {e}"))),
+        _ => Err(invalid(
+            &file_key,
+            format!("set either {key} or {file_key}, not both"),
+        )),
+    }
 }
 
 fn path_opt(v: &str) -> Option<PathBuf> {
@@ -610,7 +694,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     };
 
     let api_url = raw.crm.api_url.trim().trim_end_matches('/').to_string();
-    let api_key = raw.crm.api_key.trim().to_string();
+    let api_key = secret_value("crm.api_key", &raw.crm.api_key, &raw.crm.api_key_file)?;
     if !api_url.is_empty() {
         let uri: Uri = api_url.parse().map_err(|_| {
             invalid(
@@ -703,7 +787,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         drain_rate_per_sec: o.drain_rate_per_sec,
         poll_interval: millis("outbox.poll_interval_ms", o.poll_interval_ms)?,
     };
-    let admin_token = raw.proxy.admin_token.trim().to_string();
+    let admin_token = secret_value(
+        "proxy.admin_token",
+        &raw.proxy.admin_token,
+        &raw.proxy.admin_token_file,
+    )?;
     if admin_token.contains(|c: char| c.is_control() || c == ' ') {
         return Err(invalid(
             "proxy.admin_token",
@@ -727,6 +815,36 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }),
         (Some(_), None) => return Err(invalid("tls.key", "tls.cert is set but tls.key is not")),
         (None, Some(_)) => return Err(invalid("tls.cert", "tls.key is set but tls.cert is not")),
+    };
+
+    let l = &raw.limits;
+    if l.max_header_bytes < 8192 {
+        return Err(invalid("limits.max_header_bytes", "must be at least 8192"));
+    }
+    for (key, v) in [
+        ("limits.max_headers", l.max_headers),
+        ("limits.max_connections", l.max_connections),
+        (
+            "limits.h2_max_concurrent_streams",
+            l.h2_max_concurrent_streams as usize,
+        ),
+    ] {
+        if v == 0 {
+            return Err(invalid(key, "must be greater than 0"));
+        }
+    }
+    let limits = Limits {
+        max_header_bytes: l.max_header_bytes,
+        max_headers: l.max_headers,
+        header_read_timeout: millis("limits.header_read_timeout_ms", l.header_read_timeout_ms)?,
+        sale_body_read_timeout: millis(
+            "limits.sale_body_read_timeout_ms",
+            l.sale_body_read_timeout_ms,
+        )?,
+        max_connections: l.max_connections,
+        h2_max_concurrent_streams: l.h2_max_concurrent_streams,
+        h2_max_pending_accept_reset_streams: l.h2_max_pending_accept_reset_streams,
+        h2_max_local_error_reset_streams: l.h2_max_local_error_reset_streams,
     };
 
     if raw.storage.data_dir.trim().is_empty() {
@@ -761,6 +879,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         reload_poll: (raw.proxy.reload_poll_ms > 0)
             .then(|| Duration::from_millis(raw.proxy.reload_poll_ms)),
         tls,
+        limits,
         upstream,
         sales,
         crm,
@@ -917,6 +1036,38 @@ mod tests {
         assert!(dbg.contains("redacted"));
         let raw: RawConfig = toml::from_str("[crm]\napi_key = \"sk-very-secret\"\n").unwrap();
         assert!(!format!("{raw:?}").contains("sk-very-secret"));
+    }
+
+    #[test]
+    fn secrets_can_come_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("crm.key");
+        std::fs::write(&key, "sk-from-file\n").unwrap();
+        let token = dir.path().join("admin.token");
+        std::fs::write(&token, "tok-from-file").unwrap();
+        let e = env(&[
+            ("CRM_API_URL", "http://crm"),
+            ("CRM_API_KEY_FILE", key.to_str().unwrap()),
+            ("PROXY_ADMIN_TOKEN_FILE", token.to_str().unwrap()),
+        ]);
+        let c = Config::from_toml("[crm]\napi_key = \"inline\"\n", Path::new("t"), &e).unwrap();
+        assert_eq!(c.crm.endpoint.unwrap().api_key.expose(), "sk-from-file");
+        assert_eq!(c.admin_token.unwrap().expose(), "tok-from-file");
+        // both in the file: refused, naming the key
+        let text = format!(
+            "[crm]\napi_key = \"a\"\napi_key_file = {:?}\n",
+            key.display().to_string()
+        );
+        let err = Config::from_toml(&text, Path::new("t"), &NoEnv)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("crm.api_key_file"), "{err}");
+        // unreadable: the path is named, nothing of a secret is
+        let e = env(&[("CRM_API_KEY_FILE", "/nonexistent/key")]);
+        let err = Config::from_toml("", Path::new("t"), &e)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/key"), "{err}");
     }
 
     #[test]

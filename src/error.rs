@@ -23,6 +23,9 @@ pub enum ProxyError {
     /// The client's request cannot be proxied as it is.
     #[error("{0}")]
     BadRequest(String),
+    /// The client did not send its request body in time.
+    #[error("request body not received within {0} ms")]
+    RequestTimeout(u128),
     /// A method this proxy does not tunnel.
     #[error("{0} is not supported by this proxy")]
     MethodNotAllowed(String),
@@ -36,6 +39,7 @@ impl ProxyError {
             }
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         }
     }

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tower::{Service, ServiceExt};
 
 use crate::body::Body;
+use crate::config::Limits;
 
 /// Who is on the other end of a connection; put in every request's extensions.
 #[derive(Debug, Clone, Copy)]
@@ -46,15 +47,23 @@ impl Shutdown {
 }
 
 /// The HTTP connection settings shared by every connection of a listener.
-pub fn http_builder() -> auto::Builder<TokioExecutor> {
+pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .preserve_header_case(true)
-        .header_read_timeout(Duration::from_secs(30))
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams)
+        .max_header_list_size(limits.max_header_bytes.min(u32::MAX as usize) as u32);
     builder
 }
 
@@ -63,8 +72,9 @@ pub fn http_builder() -> auto::Builder<TokioExecutor> {
 pub type TlsSource = Arc<dyn Fn() -> Option<(Arc<rustls::ServerConfig>, Duration)> + Send + Sync>;
 
 /// How a listener serves.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ServeOptions {
+    pub limits: Limits,
     /// After shutdown, open connections may finish in-flight requests for this long.
     pub grace: Duration,
     pub tls: Option<TlsSource>,
@@ -81,9 +91,15 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let builder = Arc::new(http_builder());
+    let builder = Arc::new(http_builder(&opts.limits));
     let graceful = GracefulShutdown::new();
+    // At the limit, stop accepting: further clients wait in the kernel's backlog.
+    let slots = Arc::new(tokio::sync::Semaphore::new(opts.limits.max_connections));
     loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            _ = shutdown.requested() => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -103,11 +119,15 @@ where
         match opts.tls.as_ref().and_then(|tls| tls()) {
             None => {
                 let info = ConnInfo { peer, tls: false };
-                tokio::spawn(serve_connection(builder, watcher, stream, svc, info));
+                tokio::spawn(async move {
+                    serve_connection(builder, watcher, stream, svc, info).await;
+                    drop(slot);
+                });
             }
             Some((config, handshake_timeout)) => {
                 let failures = opts.handshake_failures.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let acceptor = tokio_rustls::TlsAcceptor::from(config);
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {

@@ -20,6 +20,8 @@ pub struct SalesContext {
     pub max_response_body: usize,
     /// How long the till waits for the POS's answer to a sale (then 504; the sale task goes on).
     pub answer_timeout: std::time::Duration,
+    /// The till's sale body must arrive within this.
+    pub body_read_timeout: std::time::Duration,
     pub invoicer: Invoicer,
     pub metrics: Arc<Metrics>,
 }
@@ -32,6 +34,7 @@ impl SalesContext {
             max_request_body: config.sales.max_request_body,
             max_response_body: config.sales.max_response_body,
             answer_timeout: config.upstream.timeout,
+            body_read_timeout: config.limits.sale_body_read_timeout,
             invoicer,
             metrics,
         }

@@ -101,7 +101,15 @@ where
     S::Future: Send + 'static,
 {
     let (mut parts, body) = req.into_parts();
-    let bytes = match collect_limited(body, ctx.max_request_body).await {
+    let read = tokio::time::timeout(
+        ctx.body_read_timeout,
+        collect_limited(body, ctx.max_request_body),
+    );
+    let Ok(read) = read.await else {
+        // Nothing reached the POS: the till's upload stalled.
+        return ProxyError::RequestTimeout(ctx.body_read_timeout.as_millis()).into_response();
+    };
+    let bytes = match read {
         Ok(Collected::Complete(bytes)) => bytes,
         Ok(Collected::TooLarge(body)) => {
             tracing::warn!(

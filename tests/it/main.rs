@@ -5,6 +5,7 @@ mod admin_demo;
 mod binary;
 mod crash;
 mod crm_outcomes;
+mod hardening;
 mod ops;
 mod outbox;
 mod passthrough;

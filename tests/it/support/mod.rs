@@ -47,6 +47,8 @@ pub struct Opts {
     pub tls: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
     /// Watch the config file this often (0: only explicit reloads).
     pub reload_poll_ms: u64,
+    /// More TOML appended to the file (sections the fields above do not write).
+    pub extra: String,
 }
 
 impl Default for Opts {
@@ -67,6 +69,7 @@ impl Default for Opts {
             data_dir: None,
             tls: None,
             reload_poll_ms: 0,
+            extra: String::new(),
         }
     }
 }
@@ -122,6 +125,7 @@ drain_rate_per_sec = 500.0
 {tls}
 [log]
 level = "debug"
+{extra}
 "#,
             upstream_timeout = self.upstream_timeout_ms,
             pool_idle = self.pool_idle_ms,
@@ -141,6 +145,7 @@ level = "debug"
                 .join(", "),
             threshold = self.breaker_threshold,
             reload_poll = self.reload_poll_ms,
+            extra = self.extra,
             tls = match &self.tls {
                 None => String::new(),
                 Some((cert, key, ca)) => format!(
@@ -187,6 +192,18 @@ impl TestProxy {
             app: Some(app),
             dir,
         }
+    }
+
+    /// As [`TestProxy::start`], with more TOML sections.
+    pub async fn start_with_extra(upstream: SocketAddr, opts: Opts, extra: &str) -> TestProxy {
+        Self::start(
+            upstream,
+            Opts {
+                extra: extra.to_string(),
+                ..opts
+            },
+        )
+        .await
     }
 
     fn write_config(dir: &Path, upstream: SocketAddr, opts: &Opts) -> PathBuf {
