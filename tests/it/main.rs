@@ -9,5 +9,6 @@ mod hardening;
 mod ops;
 mod outbox;
 mod passthrough;
+mod properties;
 mod sales;
 mod support;
