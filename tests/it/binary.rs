@@ -27,8 +27,18 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
 
 #[test]
 fn help_and_version() {
-    let (code, out, _) = run(&["--help"], &[]);
+    let (code, out, _) = run(
+        &["--help"],
+        &[
+            ("CRM_API_KEY", "sk-help-secret"),
+            ("PROXY_ADMIN_TOKEN", "tok-help"),
+        ],
+    );
     assert_eq!(code, 0);
+    assert!(
+        !out.contains("sk-help-secret") && !out.contains("tok-help"),
+        "{out}"
+    );
     for word in [
         "--config",
         "demo",
@@ -89,6 +99,7 @@ fn check_config_redacts_the_key() {
 #[tokio::test]
 async fn the_api_key_never_appears_in_logs() {
     const SECRET: &str = "sk-live-7d3b1e0c9a-top-secret";
+    const TOKEN: &str = "adm-3e9f2c71-very-private";
     let pos = SamplePos::start(SamplePosOptions::default()).await.unwrap();
     let crm = SampleCrm::start(SECRET).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -107,6 +118,7 @@ async fn the_api_key_never_appears_in_logs() {
         .env_clear()
         .env("CRM_API_URL", crm.url())
         .env("CRM_API_KEY", SECRET)
+        .env("PROXY_ADMIN_TOKEN", TOKEN)
         .stderr(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -188,6 +200,7 @@ async fn the_api_key_never_appears_in_logs() {
     assert!(all.contains("invoice=\"no-customer\""), "{all}");
     assert!(all.contains("shutting down"), "{all}");
     assert!(!all.contains(SECRET), "the API key leaked into the logs");
+    assert!(!all.contains(TOKEN), "the admin token leaked into the logs");
     assert!(
         !all.contains("top-secret"),
         "part of the API key leaked into the logs"
