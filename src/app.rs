@@ -277,7 +277,7 @@ impl App {
             &config.data_dir,
             config.outbox.clone(),
             crm.clone(),
-            Clock::new(),
+            Clock::System,
             metrics.clone(),
         )?);
         // Certificates and the upstream client are checked before any port is taken.
@@ -379,8 +379,13 @@ impl App {
         for task in self.servers {
             let _ = task.await;
         }
+        // The worker finishes its current attempt; past the grace period it is abandoned and its
+        // job goes back to pending below (a late confirmation is still recorded: the CRM's 201
+        // wins over the release).
         for task in self.background {
-            let _ = task.await;
+            if tokio::time::timeout(self.grace, task).await.is_err() {
+                tracing::warn!("outbox worker still busy at shutdown");
+            }
         }
         self.reloader.live.outbox.shutdown(self.grace).await;
     }

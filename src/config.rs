@@ -763,8 +763,9 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             "must not be below outbox.breaker_open_ms",
         ));
     }
-    // A claimed job belongs to its claimer for longer than one CRM call can take.
-    let lease = crm.timeout + crm.connect_timeout + Duration::from_secs(2);
+    // A claimed job belongs to its claimer for longer than one delivery can take: a create may
+    // be sent twice (once more on a pooled connection found closed), each within the timeout.
+    let lease = (crm.timeout + crm.connect_timeout) * 2 + Duration::from_secs(1);
     let outbox = OutboxConfig {
         synchronous_full: o.synchronous_full,
         retry: RetryPolicy {

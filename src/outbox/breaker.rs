@@ -55,7 +55,7 @@ pub enum Transition {
     None,
     /// The breaker opened: the CRM looks down.
     Opened,
-    /// The CRM answered after a run of failures: the backlog can drain.
+    /// The CRM answered after the circuit had opened: the backlog can drain.
     Recovered,
 }
 
@@ -97,7 +97,9 @@ impl Breaker {
     pub fn record(&mut self, signal: Signal, now: i64) -> Transition {
         match signal {
             Signal::Up => {
-                let recovered = self.failures > 0 || self.phase != Phase::Closed;
+                // Only the end of an outage (the circuit had opened) drains the backlog early; a
+                // success between scattered failures leaves every job's back-off alone.
+                let recovered = self.phase != Phase::Closed;
                 self.failures = 0;
                 self.phase = Phase::Closed;
                 if recovered {
@@ -201,11 +203,15 @@ mod tests {
     }
 
     #[test]
-    fn a_success_resets_the_count_and_reports_recovery_once() {
+    fn a_success_resets_the_count_and_only_an_outage_recovers() {
         let mut b = breaker();
         b.record(Signal::Down, 0);
         b.record(Signal::Down, 0);
-        assert_eq!(b.record(Signal::Up, 1), Transition::Recovered);
+        assert_eq!(
+            b.record(Signal::Up, 1),
+            Transition::None,
+            "the circuit never opened"
+        );
         assert_eq!(b.record(Signal::Up, 2), Transition::None);
         b.record(Signal::Down, 3);
         b.record(Signal::Down, 4);

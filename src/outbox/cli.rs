@@ -186,6 +186,7 @@ mod tests {
             let id = s.get("S-dead").unwrap().unwrap().id;
             s.mark_stopped(
                 id,
+                1,
                 State::Dead,
                 "CRM API error: 400 Bad Request - nope",
                 Some(400),

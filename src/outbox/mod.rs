@@ -55,33 +55,43 @@ impl Sender for CrmClient {
     }
 }
 
-/// Wall-clock milliseconds that follow tokio's clock, so paused-time tests drive the schedule.
+/// The time stamped on outbox rows, in Unix milliseconds.
+///
+/// In production it is the system's wall clock, the same one the `outbox` CLI uses, so a
+/// replay by an operator is due for the running proxy at once. Paused-time tests use a clock
+/// that follows tokio's, so hours of retry schedule run in milliseconds.
 #[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    base_unix_ms: i64,
-    base: tokio::time::Instant,
+pub enum Clock {
+    System,
+    FollowsTokio {
+        base_unix_ms: i64,
+        base: tokio::time::Instant,
+    },
+}
+
+fn system_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl Clock {
-    pub fn new() -> Self {
-        let unix = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        Clock {
-            base_unix_ms: unix,
+    /// Starts at the wall clock's now and then advances with tokio's clock.
+    pub fn following_tokio() -> Self {
+        Clock::FollowsTokio {
+            base_unix_ms: system_ms(),
             base: tokio::time::Instant::now(),
         }
     }
 
     pub fn now_ms(&self) -> i64 {
-        self.base_unix_ms + self.base.elapsed().as_millis() as i64
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Self::new()
+        match self {
+            Clock::System => system_ms(),
+            Clock::FollowsTokio { base_unix_ms, base } => {
+                base_unix_ms + base.elapsed().as_millis() as i64
+            }
+        }
     }
 }
 
@@ -113,6 +123,7 @@ fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
 }
 
 impl Db {
+    /// Runs a read.
     async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -126,13 +137,20 @@ impl Db {
                 .await
                 .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())))
         };
-        match &result {
-            Ok(_) => self.writable.store(true, Ordering::Relaxed),
-            Err(e) => {
-                self.writable.store(false, Ordering::Relaxed);
-                tracing::error!(error = %e, "outbox store failed");
-            }
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "outbox store failed");
         }
+        result
+    }
+
+    /// Runs a write; its outcome is what readiness reports as `writable`.
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let result = self.call(f).await;
+        self.writable.store(result.is_ok(), Ordering::Relaxed);
         result
     }
 }
@@ -239,31 +257,44 @@ impl Outbox {
         deadline: tokio::time::Instant,
         budget: Duration,
     ) -> CrmStatus {
-        let now = self.clock.now_ms();
         let blocked = self.blocked_reason();
-        let lease_until = blocked
-            .is_none()
-            .then(|| now + self.cfg.lease.as_millis() as i64);
-        let (sale, key) = (sale_id.to_string(), idempotency_key.to_string());
-        let enqueued = self
-            .db
-            .call(move |s| s.enqueue(&sale, &key, &payload, now, lease_until))
-            .await;
-        let job = match enqueued {
-            Err(e) => {
-                // Not durable: say so. The sale itself stands; the log has the error.
-                return failed(
-                    true,
-                    format!("invoice not queued: outbox unavailable ({e})"),
-                    false,
+        let attempt_now = blocked.is_none();
+        let (sale, key, body) = (
+            sale_id.to_string(),
+            idempotency_key.to_string(),
+            payload.clone(),
+        );
+        let (clock, lease) = (self.clock, self.cfg.lease.as_millis() as i64);
+        // The lease is stamped when the row is written, not before waiting for the file lock.
+        let enqueue = self.db.write(move |s| {
+            let now = clock.now_ms();
+            s.enqueue(&sale, &key, &body, now, attempt_now.then_some(now + lease))
+        });
+        let job = match tokio::time::timeout_at(deadline, enqueue).await {
+            Err(_) => {
+                // The write goes on in the background; if it lands, the worker delivers it.
+                tracing::error!(
+                    sale_id,
+                    "outbox did not confirm the invoice within the sale's budget"
                 );
+                let mut s = CrmStatus::failed(
+                    true,
+                    "outbox did not confirm the invoice in time; it is delivered if the write completes",
+                );
+                s.queued = None;
+                return s;
             }
-            Ok(Enqueued::Existing(job)) => return status_of_existing(&job),
-            Ok(Enqueued::New(job)) => job,
+            Ok(Err(e)) => {
+                return self
+                    .send_without_outbox(sale_id, idempotency_key, payload, deadline, e)
+                    .await
+            }
+            Ok(Ok(Enqueued::Existing(job))) => return status_of_existing(&job),
+            Ok(Ok(Enqueued::New(job))) => job,
         };
-        if let Some(reason) = blocked {
+        if let Some((reason, available)) = blocked {
             self.wake.notify_one();
-            return failed(false, reason, true);
+            return failed(available, reason, true);
         }
         let this = self.clone();
         let attempt = self.tasks.spawn(async move { this.attempt(job).await });
@@ -285,19 +316,63 @@ impl Outbox {
         }
     }
 
-    /// Why an inline attempt should not be made now, if it should not.
-    fn blocked_reason(&self) -> Option<String> {
+    /// The outbox cannot be written: one best-effort send (same idempotency key), and the frozen
+    /// payload in the error log so an operator can recover it if that fails too.
+    async fn send_without_outbox(
+        &self,
+        sale_id: &str,
+        key: &str,
+        payload: Vec<u8>,
+        deadline: tokio::time::Instant,
+        store_error: StoreError,
+    ) -> CrmStatus {
+        tracing::error!(
+            sale_id,
+            idempotency_key = key,
+            payload = %String::from_utf8_lossy(&payload),
+            error = %store_error,
+            "outbox unavailable: invoice NOT queued; sending once without it"
+        );
         if !self.sender.configured() {
-            return Some(CrmError::NotConfigured.to_string());
-        }
-        if self.held.load(Ordering::Relaxed) {
-            return Some(
-                "CRM refused the API key; invoices are held until an operator fixes the key and replays them"
-                    .into(),
+            return failed(
+                false,
+                format!("invoice not queued: outbox unavailable ({store_error})"),
+                false,
             );
         }
+        match tokio::time::timeout_at(deadline, self.sender.send(Bytes::from(payload), key)).await {
+            Ok(Ok(inv)) => CrmStatus::created(inv.invoice_id, inv.invoice_number),
+            Ok(Err(e)) => failed(
+                e.service_available(),
+                format!("{e}; invoice not queued: outbox unavailable ({store_error})"),
+                false,
+            ),
+            Err(_) => failed(
+                false,
+                format!("CRM did not answer in time; invoice not queued: outbox unavailable ({store_error})"),
+                false,
+            ),
+        }
+    }
+
+    /// Why an inline attempt should not be made now, and whether the CRM counts as available.
+    fn blocked_reason(&self) -> Option<(String, bool)> {
+        if !self.sender.configured() {
+            return Some((CrmError::NotConfigured.to_string(), false));
+        }
+        if self.held.load(Ordering::Relaxed) {
+            // The CRM answers; it refuses our key.
+            return Some((
+                "CRM refused the API key; invoices are held until an operator fixes the key and replays them"
+                    .into(),
+                true,
+            ));
+        }
         if !self.breaker().is_closed() {
-            return Some("CRM unavailable (circuit open after repeated failures)".into());
+            return Some((
+                "CRM unavailable (circuit open after repeated failures)".into(),
+                false,
+            ));
         }
         None
     }
@@ -309,67 +384,86 @@ impl Outbox {
             .send(Bytes::from(job.payload.clone()), &job.idempotency_key)
             .await;
         let now = self.clock.now_ms();
-        let id = job.id;
-        let attempt = match result {
+        let (id, claim) = (job.id, job.total_attempts);
+        // What the attempt says about the CRM itself, for the breaker: a CRM that answers (even
+        // with an error about this one invoice) is up.
+        let signal = match &result {
+            Err(e) if !e.service_available() => Signal::Down,
+            _ => Signal::Up,
+        };
+        let (attempt, recorded) = match result {
             Ok(inv) => {
                 let (iid, num) = (inv.invoice_id.clone(), inv.invoice_number.clone());
-                let _ = self
+                let recorded = self
                     .db
-                    .call(move |s| s.mark_delivered(id, iid.as_deref(), num.as_deref(), now))
+                    .write(move |s| s.mark_delivered(id, iid.as_deref(), num.as_deref(), now))
                     .await;
-                Attempt::Delivered(inv)
+                (Attempt::Delivered(inv), recorded)
             }
-            Err(e) => match e.retry() {
-                Retry::Later => {
-                    let next = self.cfg.retry.next_attempt_at(
-                        now,
-                        job.cycle_started_at,
-                        job.attempts,
-                        e.retry_after(),
-                        fastrand::f64(),
-                    );
-                    let (msg, status) = (e.to_string(), status_code(&e));
-                    match next {
-                        Some(at) => {
-                            let _ = self
-                                .db
-                                .call(move |s| s.mark_retry(id, &msg, status, at, now))
-                                .await;
-                            Attempt::Retrying(e)
-                        }
-                        None => {
-                            let msg =
-                                format!("gave up after {} attempts: {msg}", job.total_attempts);
-                            let m = msg.clone();
-                            let _ = self
-                                .db
-                                .call(move |s| s.mark_stopped(id, State::Dead, &m, status, now))
-                                .await;
-                            Attempt::Dead(msg, e.service_available())
+            Err(e) => {
+                let (msg, status) = (e.to_string(), status_code(&e));
+                match e.retry() {
+                    Retry::Later => {
+                        let next = self.cfg.retry.next_attempt_at(
+                            now,
+                            job.cycle_started_at,
+                            job.attempts,
+                            e.retry_after(),
+                            fastrand::f64(),
+                        );
+                        match next {
+                            Some(at) => {
+                                let recorded = self
+                                    .db
+                                    .write(move |s| s.mark_retry(id, claim, &msg, status, at, now))
+                                    .await;
+                                (Attempt::Retrying(e), recorded)
+                            }
+                            None => {
+                                let msg = format!("gave up after {claim} attempts: {msg}");
+                                let m = msg.clone();
+                                let recorded = self
+                                    .db
+                                    .write(move |s| {
+                                        s.mark_stopped(id, claim, State::Dead, &m, status, now)
+                                    })
+                                    .await;
+                                (Attempt::Dead(msg, e.service_available()), recorded)
+                            }
                         }
                     }
-                }
-                Retry::Hold => {
-                    let (msg, status) = (e.to_string(), status_code(&e));
-                    let _ = self
-                        .db
-                        .call(move |s| s.mark_stopped(id, State::Held, &msg, status, now))
-                        .await;
-                    if !self.held.swap(true, Ordering::Relaxed) {
-                        tracing::error!(error = %e, "CRM refused the API key: the invoice queue is held until an operator fixes the key and runs `outbox retry --all-held`");
+                    Retry::Hold => {
+                        let recorded = self
+                            .db
+                            .write(move |s| {
+                                s.mark_stopped(id, claim, State::Held, &msg, status, now)
+                            })
+                            .await;
+                        if !self.held.swap(true, Ordering::Relaxed) {
+                            tracing::error!(error = %e, "CRM refused the API key: the invoice queue is held until an operator fixes the key and runs `outbox retry --all-held`");
+                        }
+                        (Attempt::Held(e), recorded)
                     }
-                    Attempt::Held(e)
+                    Retry::Never => {
+                        let recorded = self
+                            .db
+                            .write(move |s| {
+                                s.mark_stopped(id, claim, State::Dead, &msg, status, now)
+                            })
+                            .await;
+                        (
+                            Attempt::Dead(e.to_string(), e.service_available()),
+                            recorded,
+                        )
+                    }
                 }
-                Retry::Never => {
-                    let (msg, status) = (e.to_string(), status_code(&e));
-                    let _ = self
-                        .db
-                        .call(move |s| s.mark_stopped(id, State::Dead, &msg, status, now))
-                        .await;
-                    Attempt::Dead(e.to_string(), e.service_available())
-                }
-            },
+            }
         };
+        if let Ok(false) = recorded {
+            // Another claim owns the job now (this attempt outlived its lease, or the job was
+            // released at shutdown); that claim's outcome will be recorded instead.
+            tracing::warn!(sale_id = %job.sale_id, attempt = claim, "outcome of a superseded attempt not recorded");
+        }
         let outcome = match &attempt {
             Attempt::Delivered(_) => "delivered",
             Attempt::Retrying(_) => "retry",
@@ -380,16 +474,12 @@ impl Outbox {
             .crm_attempts
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
-        let signal = match &attempt {
-            Attempt::Retrying(_) => Signal::Down,
-            _ => Signal::Up,
-        };
         let transition = self.breaker().record(signal, now);
         match transition {
             Transition::Opened => tracing::warn!("CRM looks down: circuit open, deliveries paused"),
             Transition::Recovered => {
                 tracing::info!("CRM answers again: draining the backlog oldest first");
-                let _ = self.db.call(move |s| s.make_pending_due(now)).await;
+                let _ = self.db.write(move |s| s.make_pending_due(now)).await;
                 self.wake.notify_one();
             }
             Transition::None => {}
@@ -397,12 +487,12 @@ impl Outbox {
         match &attempt {
             Attempt::Delivered(inv) => tracing::info!(
                 sale_id = %job.sale_id,
-                attempt = job.total_attempts,
+                attempt = claim,
                 invoice_number = inv.invoice_number.as_deref().unwrap_or("-"),
                 "CRM invoice created"
             ),
             Attempt::Retrying(e) => {
-                tracing::warn!(sale_id = %job.sale_id, attempt = job.total_attempts, error = %e, "CRM invoice not created; will retry")
+                tracing::warn!(sale_id = %job.sale_id, attempt = claim, error = %e, "CRM invoice not created; will retry")
             }
             Attempt::Held(e) => {
                 tracing::warn!(sale_id = %job.sale_id, error = %e, "CRM invoice held")
@@ -452,7 +542,7 @@ impl Outbox {
                     })
                     .await?
             }
-            RetryTarget::All(state) => self.db.call(move |s| s.retry_all(state, now)).await?,
+            RetryTarget::All(state) => self.db.write(move |s| s.retry_all(state, now)).await?,
         };
         self.refresh_held().await;
         self.wake.notify_one();
@@ -476,7 +566,11 @@ impl Outbox {
             tracing::warn!("delivery attempts still running at shutdown; their jobs stay queued");
         }
         let now = self.clock.now_ms();
-        match self.db.call(move |s| s.release_in_flight(now, false)).await {
+        match self
+            .db
+            .write(move |s| s.release_in_flight(now, false))
+            .await
+        {
             Ok(0) | Err(_) => {}
             Ok(n) => tracing::info!(jobs = n, "released in-flight jobs for the next start"),
         }

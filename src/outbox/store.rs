@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use serde::Serialize;
 
 /// Versioned migrations; `PRAGMA user_version` records how many have been applied.
@@ -305,37 +305,26 @@ impl Store {
         lease_until: i64,
         limit: usize,
     ) -> Result<Vec<Job>, StoreError> {
-        self.claim(now, lease_until, limit, false)
-    }
-
-    /// Claims the oldest waiting job whether or not its back-off is over: the circuit
-    /// breaker's probe, which should be the job that has waited longest.
-    pub fn claim_oldest(&mut self, now: i64, lease_until: i64) -> Result<Option<Job>, StoreError> {
-        Ok(self.claim(now, lease_until, 1, true)?.pop())
-    }
-
-    fn claim(
-        &mut self,
-        now: i64,
-        lease_until: i64,
-        limit: usize,
-        ignore_backoff: bool,
-    ) -> Result<Vec<Job>, StoreError> {
         let path = self.path.clone();
         let err = |source| StoreError::Sqlite {
             path: path.clone(),
             source,
         };
-        let tx = self.conn.transaction().map_err(err)?;
+        // IMMEDIATE: take the write lock up front, so a second process holding it makes us wait
+        // (busy timeout) instead of failing on the upgrade from read to write.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
         let ids: Vec<i64> = {
             let mut stmt = tx
                 .prepare_cached(
-                    "SELECT id FROM jobs WHERE (state = 'pending' AND (?3 OR next_attempt_at <= ?1)) \
-                     OR (state = 'in_flight' AND lease_until < ?1) ORDER BY id LIMIT ?2",
+                    "SELECT id FROM jobs WHERE (state = 'pending' AND next_attempt_at <= ?1) \
+                     OR (state = 'in_flight' AND lease_until <= ?1) ORDER BY id LIMIT ?2",
                 )
                 .map_err(err)?;
             let rows = stmt
-                .query_map(params![now, limit as i64, ignore_backoff], |r| r.get(0))
+                .query_map(params![now, limit as i64], |r| r.get(0))
                 .map_err(err)?;
             rows.collect::<Result<_, _>>().map_err(err)?
         };
@@ -360,8 +349,9 @@ impl Store {
         Ok(jobs)
     }
 
-    /// Records a confirmed invoice. Only an in-flight job can become delivered, so a job an
-    /// operator changed meanwhile is left as it is.
+    /// Records a confirmed invoice. The CRM's word wins over anything that happened to the row
+    /// meanwhile (a lease that ran out, a release at shutdown): only an already delivered job is
+    /// left as it is.
     pub fn mark_delivered(
         &mut self,
         id: i64,
@@ -373,40 +363,54 @@ impl Store {
             .conn
             .execute(
                 "UPDATE jobs SET state = 'delivered', invoice_id = ?2, invoice_number = ?3, delivered_at = ?4, \
-                 updated_at = ?4, lease_until = NULL, last_error = NULL WHERE id = ?1 AND state = 'in_flight'",
+                 updated_at = ?4, lease_until = NULL, last_error = NULL WHERE id = ?1 AND state != 'delivered'",
                 params![id, invoice_id, invoice_number, now],
             )
             .map_err(|e| self.err(e))?;
         Ok(n == 1)
     }
 
-    /// A failed attempt: back to `pending` until `next_attempt_at`.
+    /// A failed attempt: back to `pending` until `next_attempt_at`. `claim` is the job's
+    /// `total_attempts` when it was claimed: if another claim took the job since (the lease ran
+    /// out), this outcome is stale and ignored.
     pub fn mark_retry(
         &mut self,
         id: i64,
+        claim: u32,
         error: &str,
         status: Option<u16>,
         next_attempt_at: i64,
         now: i64,
     ) -> Result<bool, StoreError> {
-        self.finish(id, State::Pending, error, status, next_attempt_at, now)
+        self.finish(
+            id,
+            claim,
+            State::Pending,
+            error,
+            status,
+            next_attempt_at,
+            now,
+        )
     }
 
     /// A failed attempt that will not be retried by itself (`Dead` or `Held`).
     pub fn mark_stopped(
         &mut self,
         id: i64,
+        claim: u32,
         state: State,
         error: &str,
         status: Option<u16>,
         now: i64,
     ) -> Result<bool, StoreError> {
-        self.finish(id, state, error, status, now, now)
+        self.finish(id, claim, state, error, status, now, now)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn finish(
         &mut self,
         id: i64,
+        claim: u32,
         state: State,
         error: &str,
         status: Option<u16>,
@@ -417,8 +421,9 @@ impl Store {
             .conn
             .execute(
                 "UPDATE jobs SET state = ?2, last_error = ?3, last_status = ?4, next_attempt_at = ?5, \
-                 updated_at = ?6, lease_until = NULL WHERE id = ?1 AND state = 'in_flight'",
-                params![id, state.as_str(), error, status, next_attempt_at, now],
+                 updated_at = ?6, lease_until = NULL \
+                 WHERE id = ?1 AND state = 'in_flight' AND total_attempts = ?7",
+                params![id, state.as_str(), error, status, next_attempt_at, now, claim],
             )
             .map_err(|e| self.err(e))?;
         Ok(n == 1)
@@ -429,7 +434,7 @@ impl Store {
     pub fn release_in_flight(&mut self, now: i64, only_expired: bool) -> Result<usize, StoreError> {
         let sql = if only_expired {
             "UPDATE jobs SET state = 'pending', lease_until = NULL, next_attempt_at = ?1, updated_at = ?1 \
-             WHERE state = 'in_flight' AND lease_until < ?1"
+             WHERE state = 'in_flight' AND lease_until <= ?1"
         } else {
             "UPDATE jobs SET state = 'pending', lease_until = NULL, next_attempt_at = ?1, updated_at = ?1 \
              WHERE state = 'in_flight'"
@@ -455,7 +460,7 @@ impl Store {
     pub fn retry(&mut self, sale_id: &str, now: i64) -> Result<Option<Job>, StoreError> {
         self.conn
             .execute(
-                "UPDATE jobs SET state = 'pending', attempts = 0, cycle_started_at = ?2, next_attempt_at = ?2, \
+                "UPDATE jobs SET state = 'pending', attempts = 0, cycle_started_at = ?2, next_attempt_at = 0, \
                  updated_at = ?2 WHERE sale_id = ?1 AND state IN ('dead', 'held', 'pending')",
                 params![sale_id, now],
             )
@@ -463,18 +468,42 @@ impl Store {
         self.get(sale_id)
     }
 
-    /// Replays every job in `state` (`Dead` or `Held`); returns how many.
+    /// Replays every job in `state` (`Dead` or `Held`); returns how many. Replayed jobs are due
+    /// at once (`next_attempt_at = 0`, whatever the running proxy's clock says). Releasing a
+    /// held queue also restarts the retry cycle of the jobs that waited behind the hold, so the
+    /// time spent held does not count against their maximum age.
     pub fn retry_all(&mut self, state: State, now: i64) -> Result<usize, StoreError> {
         if !matches!(state, State::Dead | State::Held) {
             return Ok(0);
         }
-        self.conn
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| StoreError::Sqlite {
+                path: self.path.clone(),
+                source: e,
+            })?;
+        let n = tx
             .execute(
-                "UPDATE jobs SET state = 'pending', attempts = 0, cycle_started_at = ?2, next_attempt_at = ?2, \
+                "UPDATE jobs SET state = 'pending', attempts = 0, cycle_started_at = ?2, next_attempt_at = 0, \
                  updated_at = ?2 WHERE state = ?1",
                 params![state.as_str(), now],
             )
-            .map_err(|e| self.err(e))
+            .and_then(|n| {
+                if state == State::Held {
+                    tx.execute(
+                        "UPDATE jobs SET attempts = 0, cycle_started_at = ?1 WHERE state = 'pending'",
+                        params![now],
+                    )?;
+                }
+                Ok(n)
+            })
+            .and_then(|n| tx.commit().map(|_| n))
+            .map_err(|e| StoreError::Sqlite {
+                path: self.path.clone(),
+                source: e,
+            })?;
+        Ok(n)
     }
 
     /// Jobs, newest first, optionally in one state.
@@ -589,7 +618,9 @@ mod tests {
             ["A"]
         );
         assert_eq!(got[0].attempts, 1);
-        assert!(s.mark_retry(got[0].id, "503", Some(503), 700, 500).unwrap());
+        assert!(s
+            .mark_retry(got[0].id, got[0].total_attempts, "503", Some(503), 700, 500)
+            .unwrap());
         assert!(
             s.claim_due(650, 800, 10).unwrap().is_empty(),
             "A not due yet, B leased"
@@ -633,9 +664,9 @@ mod tests {
         s.enqueue("H", "kh", b"h", 2, Some(100)).unwrap();
         let d = s.get("D").unwrap().unwrap();
         let h = s.get("H").unwrap().unwrap();
-        s.mark_stopped(d.id, State::Dead, "400 bad", Some(400), 5)
+        s.mark_stopped(d.id, 1, State::Dead, "400 bad", Some(400), 5)
             .unwrap();
-        s.mark_stopped(h.id, State::Held, "401", Some(401), 5)
+        s.mark_stopped(h.id, 1, State::Held, "401", Some(401), 5)
             .unwrap();
         assert!(s.any_held().unwrap());
         assert!(s.claim_due(1_000_000, 2_000_000, 10).unwrap().is_empty());

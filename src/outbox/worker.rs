@@ -58,18 +58,23 @@ impl Outbox {
                     break;
                 }
             };
-            let lease_until = now + self.cfg.lease.as_millis() as i64;
-            let claimed = if probe {
-                self.db
-                    .call(move |s| s.claim_oldest(now, lease_until))
-                    .await
-            } else {
-                self.db
-                    .call(move |s| s.claim_due(now, lease_until, 1))
-                    .await
-                    .map(|mut jobs| jobs.pop())
+            // The probe is the oldest *due* job: a job whose own back-off is not over (say, one
+            // the CRM keeps refusing) is not what tells whether the CRM is back.
+            let (clock, lease) = (self.clock, self.cfg.lease.as_millis() as i64);
+            let claimed = self
+                .db
+                .write(move |s| {
+                    let now = clock.now_ms();
+                    s.claim_due(now, now + lease, 1)
+                })
+                .await
+                .map(|mut jobs| jobs.pop());
+            let Ok(claimed) = claimed else {
+                if probe {
+                    self.breaker().probe_unused(now);
+                }
+                break;
             };
-            let Ok(claimed) = claimed else { break };
             let Some(job) = claimed else {
                 if probe {
                     self.breaker().probe_unused(now);
@@ -242,7 +247,7 @@ mod tests {
                 dir.path(),
                 cfg,
                 crm.clone(),
-                Clock::new(),
+                Clock::following_tokio(),
                 Default::default(),
             )
             .unwrap()
@@ -461,7 +466,7 @@ mod tests {
                 dir.path(),
                 config(RetryPolicy::default(), 5),
                 slow.clone(),
-                Clock::new(),
+                Clock::following_tokio(),
                 Default::default(),
             )
             .unwrap()
