@@ -113,8 +113,9 @@ impl Admin {
             .headers()
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token);
         (!same_secret(given.trim().as_bytes(), token.expose().as_bytes()))
             .then(|| error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"))
     }
@@ -216,7 +217,12 @@ impl Admin {
                         )
                     }
                 };
+                let one_sale = matches!(target, RetryTarget::Sale(_));
                 match outbox.retry(target).await {
+                    Ok(0) if one_sale => error(
+                        StatusCode::CONFLICT,
+                        "nothing replayed: no such sale, or its job is delivered or in flight",
+                    ),
                     Ok(n) => json(StatusCode::OK, json!({ "replayed": n })),
                     Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
                 }

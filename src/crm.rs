@@ -241,8 +241,7 @@ impl CrmClient {
             .headers()
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(retry_after);
         let body = read_capped(&mut response)
             .await
             .map_err(|e| self.classify(e))?;
@@ -347,6 +346,19 @@ impl CrmClient {
     }
 }
 
+/// `Retry-After` as seconds or as an HTTP date.
+fn retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
 /// Why one send did not produce an answer to classify.
 enum Attempt {
     /// A reused connection closed before any answer: safe to send again once.
@@ -447,6 +459,22 @@ mod tests {
         for code in [408, 425, 429, 500] {
             assert_eq!(s(code).retry(), Retry::Later, "{code}");
         }
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        assert_eq!(retry_after(" 120 "), Some(Duration::from_secs(120)));
+        let later = std::time::SystemTime::now() + Duration::from_secs(300);
+        let d = retry_after(&httpdate::fmt_http_date(later)).unwrap();
+        assert!(
+            d > Duration::from_secs(290) && d <= Duration::from_secs(300),
+            "{d:?}"
+        );
+        assert_eq!(
+            retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("soon"), None);
     }
 
     #[test]

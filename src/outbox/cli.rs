@@ -40,6 +40,8 @@ pub enum CliError {
     UnknownSale(String),
     #[error("sale {0} is already delivered (invoice {1}); delivered jobs are never sent again")]
     Delivered(String, String),
+    #[error("sale {0} is being delivered right now; look again with `outbox show`")]
+    InFlight(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot write output: {0}")]
@@ -122,6 +124,9 @@ pub fn run(
                             id,
                             job.invoice_number.unwrap_or_default(),
                         ));
+                    }
+                    if job.state == State::InFlight {
+                        return Err(CliError::InFlight(id));
                     }
                     usize::from(job.state == State::Pending)
                 }

@@ -658,6 +658,40 @@ mod tests {
     }
 
     #[test]
+    fn a_superseded_claim_cannot_record_a_failure_but_a_confirmation_always_lands() {
+        let (_d, mut s) = store();
+        s.enqueue("A", "ka", b"a", 0, Some(100)).unwrap(); // claim 1 (inline), lease to 100
+        let first = s.get("A").unwrap().unwrap();
+        // the lease ran out; the worker claims it again (claim 2)
+        let second = s.claim_due(100, 200, 1).unwrap().pop().unwrap();
+        assert_eq!((first.total_attempts, second.total_attempts), (1, 2));
+        // the first attempt's late failure is stale: ignored
+        assert!(!s
+            .mark_retry(first.id, first.total_attempts, "503", Some(503), 500, 150)
+            .unwrap());
+        assert_eq!(s.get("A").unwrap().unwrap().state, State::InFlight);
+        // the second attempt's failure is recorded
+        assert!(s
+            .mark_retry(second.id, second.total_attempts, "503", Some(503), 500, 160)
+            .unwrap());
+        // and a late 201 of the first attempt still makes it delivered: the CRM created it
+        assert!(s
+            .mark_delivered(first.id, Some("id"), Some("INV-9"), 170)
+            .unwrap());
+        let a = s.get("A").unwrap().unwrap();
+        assert_eq!(
+            (a.state, a.invoice_number.as_deref()),
+            (State::Delivered, Some("INV-9"))
+        );
+        // a replayed job is due at once, whatever clock the replaying process has
+        s.enqueue("B", "kb", b"b", 0, None).unwrap();
+        let b = s.get("B").unwrap().unwrap();
+        s.mark_retry(b.id, 0, "x", None, 10_000_000, 1)
+            .unwrap_or_default();
+        assert_eq!(s.retry("B", 5).unwrap().unwrap().next_attempt_at, 0);
+    }
+
+    #[test]
     fn dead_and_held_wait_for_an_operator() {
         let (_d, mut s) = store();
         s.enqueue("D", "kd", b"d", 1, Some(100)).unwrap();

@@ -358,6 +358,159 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn successes_of_other_sales_do_not_rush_a_job_in_back_off() {
+        let crm = Scripted::new(vec![status(429, Some(600))]);
+        let r = rig(crm, config(RetryPolicy::default(), 3)).await;
+        r.sale("SLOW").await;
+        for i in 0..5 {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            let s = r.sale(&format!("OK{i}")).await;
+            assert!(s.invoice_created);
+        }
+        r.until("SLOW", State::Delivered).await;
+        let calls = r.crm.calls();
+        let slow: Vec<_> = calls.iter().filter(|c| c.1 == "pos-sale-SLOW").collect();
+        assert_eq!(slow.len(), 2);
+        assert!(
+            slow[1].0 - slow[0].0 >= Duration::from_secs(600),
+            "Retry-After honoured"
+        );
+        r.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_the_crm_keeps_refusing_with_500_does_not_keep_the_circuit_open() {
+        // 503s open the circuit; then the CRM is back but answers 500 for the oldest job only
+        struct PoisonFirst(Scripted);
+        impl Sender for PoisonFirst {
+            fn configured(&self) -> bool {
+                true
+            }
+            fn send<'a>(
+                &'a self,
+                payload: Bytes,
+                key: &'a str,
+            ) -> Pin<Box<dyn Future<Output = Result<CreatedInvoice, CrmError>> + Send + 'a>>
+            {
+                Box::pin(async move {
+                    let r = self.0.send(payload, key).await;
+                    if key == "pos-sale-POISON" && r.is_ok() {
+                        return status(500, None);
+                    }
+                    r
+                })
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let crm = Arc::new(PoisonFirst(Scripted {
+            answers: Mutex::new((0..3).map(|_| status(503, None)).collect()),
+            ..Scripted::default()
+        }));
+        let outbox = Arc::new(
+            Outbox::open(
+                dir.path(),
+                config(RetryPolicy::default(), 3),
+                crm.clone(),
+                Clock::following_tokio(),
+                Default::default(),
+            )
+            .unwrap()
+            .with_inline_store(),
+        );
+        let (stop, shutdown) = Shutdown::new();
+        let worker = tokio::spawn(outbox.clone().run_worker(shutdown));
+        let budget = Duration::from_millis(1500);
+        for id in ["POISON", "S1", "S2"] {
+            outbox
+                .submit(
+                    id,
+                    &format!("pos-sale-{id}"),
+                    b"{}".to_vec(),
+                    Instant::now() + budget,
+                    budget,
+                )
+                .await;
+        }
+        assert_eq!(outbox.health().await.circuit, "open");
+        // within a few minutes the healthy jobs are delivered and the circuit is closed,
+        // whatever the poisoned one does
+        tokio::time::sleep(Duration::from_secs(5 * 60)).await;
+        assert_eq!(
+            outbox.get("S1").await.unwrap().unwrap().state,
+            State::Delivered
+        );
+        assert_eq!(
+            outbox.get("S2").await.unwrap().unwrap().state,
+            State::Delivered
+        );
+        assert_eq!(outbox.health().await.circuit, "closed");
+        assert_eq!(
+            outbox.get("POISON").await.unwrap().unwrap().state,
+            State::Pending
+        );
+        let _ = stop.send(true);
+        worker.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_that_outlives_its_lease_is_taken_over_and_its_late_201_still_counts() {
+        struct Slow(Scripted);
+        impl Sender for Slow {
+            fn configured(&self) -> bool {
+                true
+            }
+            fn send<'a>(
+                &'a self,
+                payload: Bytes,
+                key: &'a str,
+            ) -> Pin<Box<dyn Future<Output = Result<CreatedInvoice, CrmError>> + Send + 'a>>
+            {
+                Box::pin(async move {
+                    tokio::time::sleep(Duration::from_secs(90)).await;
+                    self.0.send(payload, key).await
+                })
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let slow = Arc::new(Slow(Scripted::default()));
+        let outbox = Arc::new(
+            Outbox::open(
+                dir.path(),
+                config(RetryPolicy::default(), 5), // lease: 60 s
+                slow.clone(),
+                Clock::following_tokio(),
+                Default::default(),
+            )
+            .unwrap()
+            .with_inline_store(),
+        );
+        let (stop, shutdown) = Shutdown::new();
+        let worker = tokio::spawn(outbox.clone().run_worker(shutdown));
+        let budget = Duration::from_millis(1500);
+        let s = outbox
+            .submit(
+                "S",
+                "pos-sale-S",
+                b"{}".to_vec(),
+                Instant::now() + budget,
+                budget,
+            )
+            .await;
+        assert_eq!(s.queued, Some(true));
+        tokio::time::sleep(Duration::from_secs(200)).await;
+        let job = outbox.get("S").await.unwrap().unwrap();
+        assert_eq!(job.state, State::Delivered);
+        assert_eq!(
+            job.total_attempts, 2,
+            "the worker took over after the lease ran out"
+        );
+        assert_eq!(slow.0.calls().len(), 2, "same key both times");
+        let _ = stop.send(true);
+        worker.await.unwrap();
+        outbox.shutdown(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_job_that_keeps_failing_dies_at_max_age_and_can_be_replayed() {
         let policy = RetryPolicy {
             steps: vec![Duration::from_secs(60)],
@@ -400,6 +553,7 @@ mod tests {
         // held: later sales are queued without being sent, nothing is sent for hours
         let s = r.sale("LATER").await;
         assert_eq!(s.queued, Some(true));
+        assert!(s.service_available, "the CRM answers; it refuses the key");
         assert!(s.error.unwrap().contains("held"));
         tokio::time::sleep(Duration::from_secs(6 * 3600)).await;
         assert_eq!(r.crm.calls().len(), 2, "no attempts burned while held");

@@ -8,7 +8,9 @@ use pos_crm_proxy::demo::sample_pos::{SamplePos, SamplePosOptions};
 use pos_crm_proxy::outbox::store::{State, Store};
 use serde_json::Value;
 
-use crate::support::{client, Opts, Stack, TestProxy, KEY, SALE_WITH_CUSTOMER};
+use crate::support::{
+    client, creates_after_success, Opts, Stack, TestProxy, KEY, SALE_WITH_CUSTOMER,
+};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -116,6 +118,7 @@ async fn two_503s_then_created_is_one_invoice_after_three_attempts_with_one_key(
         s.crm.invoices()[0].invoice_number.clone().into()
     );
     assert_eq!(s.crm.invoices().len(), 1);
+    assert_eq!(creates_after_success(&s.crm), 0);
 }
 
 #[tokio::test]
@@ -290,9 +293,30 @@ async fn a_restart_delivers_pending_and_orphaned_jobs_once() {
         );
     }
     sales.push("POS_ORPHAN".into());
+    // and one claimed by a process that died a moment ago: its lease runs out soon
+    {
+        let mut store = Store::open(data.path(), true).unwrap();
+        let payload = String::from_utf8(crm.invoice_posts()[0].body.to_vec())
+            .unwrap()
+            .replace(&sales[0], "POS_LEASED");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        store
+            .enqueue(
+                "POS_LEASED",
+                "pos-sale-POS_LEASED",
+                payload.as_bytes(),
+                now,
+                Some(now + 1_500),
+            )
+            .unwrap();
+    }
+    sales.push("POS_LEASED".into());
     crm.set_default(CrmScript::Normal);
     let second = TestProxy::start(pos.addr(), opts).await;
-    assert!(crm.wait_for_invoices(3, WAIT).await);
+    assert!(crm.wait_for_invoices(4, WAIT).await);
     drained(&second).await;
     let mut got: Vec<String> = crm
         .invoices()
@@ -302,6 +326,16 @@ async fn a_restart_delivers_pending_and_orphaned_jobs_once() {
     got.sort();
     sales.sort();
     assert_eq!(got, sales, "all delivered, none twice");
+    assert_eq!(creates_after_success(&crm), 0);
+    let leased = crm
+        .invoice_posts()
+        .iter()
+        .filter(|p| p.headers["idempotency-key"] == "pos-sale-POS_LEASED")
+        .count();
+    assert_eq!(
+        leased, 1,
+        "the unexpired lease was respected, then the job was taken over once"
+    );
     second.shutdown().await;
 }
 

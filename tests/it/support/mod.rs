@@ -289,6 +289,34 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// Creates the CRM received for a sale after it had already answered 2xx for that sale: a
+/// proxy that knows a sale is invoiced never sends it again. (The sample CRM honours the
+/// Idempotency-Key, so its invoice list alone could not show a duplicate send.)
+pub fn creates_after_success(crm: &SampleCrm) -> usize {
+    let mut created = std::collections::HashSet::new();
+    let mut late = 0;
+    for post in crm.invoice_posts() {
+        let Some(sale) = post
+            .json
+            .as_ref()
+            .and_then(|j| j["pos_sale_id"].as_str())
+            .map(str::to_string)
+        else {
+            continue;
+        };
+        if created.contains(&sale) {
+            late += 1;
+        }
+        if post
+            .answered_status
+            .is_some_and(|s| (200..300).contains(&s))
+        {
+            created.insert(sale);
+        }
+    }
+    late
+}
+
 /// Removes the two values that differ between runs (sale id, timestamp) so POS answers can be
 /// compared with the captures.
 pub fn normalise(mut v: serde_json::Value) -> serde_json::Value {
