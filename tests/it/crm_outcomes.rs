@@ -250,3 +250,44 @@ async fn failures_add_to_existing_inventory_warnings() {
         ])
     );
 }
+
+#[tokio::test]
+async fn a_crm_redirect_is_not_followed_and_the_key_goes_nowhere_else() {
+    let thief =
+        crate::support::raw::RawUpstream::start("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+            .await;
+    let redirect: &'static str = Box::leak(
+        format!(
+            "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://{}/steal\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            thief.addr
+        )
+        .into_boxed_str(),
+    );
+    let crm = crate::support::raw::RawUpstream::start(redirect).await;
+    let pos = SamplePos::start(SamplePosOptions::default()).await.unwrap();
+    let proxy = TestProxy::start(
+        pos.addr(),
+        Opts {
+            crm: Some((format!("http://{}", crm.addr), "k-redirect".into())),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let (_, v, _) = post_sale(&proxy, SALE_WITH_CUSTOMER).await;
+    let error = v["crmStatus"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("307")
+            && error.contains(&format!("{}/steal", thief.addr))
+            && error.contains("not followed"),
+        "{error}"
+    );
+    assert_eq!(
+        v["crmStatus"]["queued"], false,
+        "a redirect is a configuration problem, not retried"
+    );
+    assert_eq!(crm.requests.lock().unwrap().len(), 1);
+    assert!(
+        thief.requests.lock().unwrap().is_empty(),
+        "nothing, and no key, went to the redirect target"
+    );
+}
