@@ -115,7 +115,71 @@ struct Db {
     /// Run SQLite on the calling thread (paused-time tests, where blocking threads would let
     /// tokio's clock jump) instead of `spawn_blocking`.
     inline: bool,
-    writable: AtomicBool,
+    writable: Arc<AtomicBool>,
+    /// The group-commit thread for new jobs (see [`group_commit`]).
+    committer: std::sync::mpsc::Sender<EnqueueRequest>,
+}
+
+/// A new job waiting for the group commit.
+struct EnqueueRequest {
+    sale_id: String,
+    key: String,
+    payload: Vec<u8>,
+    /// Start claimed for an inline attempt.
+    attempt_now: bool,
+    reply: tokio::sync::oneshot::Sender<Result<Enqueued, StoreError>>,
+}
+
+/// Largest number of new jobs committed together.
+const MAX_GROUP: usize = 256;
+
+/// Commits new jobs in groups: whatever sales arrived while the previous commit was being
+/// flushed to disk go into the next transaction together, so N concurrent sales cost one
+/// fsync, not N. A lone sale is committed at once; nothing waits to fill a group.
+fn group_commit(
+    rx: std::sync::mpsc::Receiver<EnqueueRequest>,
+    store: Arc<Mutex<Store>>,
+    writable: Arc<AtomicBool>,
+    clock: Clock,
+    lease_ms: i64,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(r) => group.push(r),
+                Err(_) => break,
+            }
+        }
+        let now = clock.now_ms();
+        let jobs: Vec<store::NewJob<'_>> = group
+            .iter()
+            .map(|r| store::NewJob {
+                sale_id: &r.sale_id,
+                idempotency_key: &r.key,
+                payload: &r.payload,
+                now,
+                lease_until: r.attempt_now.then_some(now + lease_ms),
+            })
+            .collect();
+        let result = lock(&store).enqueue_batch(&jobs);
+        drop(jobs);
+        writable.store(result.is_ok(), Ordering::Relaxed);
+        match result {
+            Ok(results) => {
+                for (r, one) in group.into_iter().zip(results) {
+                    let _ = r.reply.send(one);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "outbox commit failed");
+                let msg = e.to_string();
+                for r in group {
+                    let _ = r.reply.send(Err(StoreError::Task(msg.clone())));
+                }
+            }
+        }
+    }
 }
 
 fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
@@ -215,11 +279,25 @@ impl Outbox {
     ) -> Result<Outbox, StoreError> {
         let store = Store::open(data_dir, cfg.synchronous_full)?;
         let held = store.any_held()?;
+        let store = Arc::new(Mutex::new(store));
+        let writable = Arc::new(AtomicBool::new(true));
+        let (committer, rx) = std::sync::mpsc::channel();
+        {
+            let (store, writable) = (store.clone(), writable.clone());
+            let lease_ms = cfg.lease.as_millis() as i64;
+            std::thread::Builder::new()
+                .name("outbox-commit".into())
+                .spawn(move || group_commit(rx, store, writable, clock, lease_ms))
+                .map_err(|e| {
+                    StoreError::Task(format!("cannot start the outbox commit thread: {e}"))
+                })?;
+        }
         Ok(Outbox {
             db: Db {
-                store: Arc::new(Mutex::new(store)),
+                store,
                 inline: false,
-                writable: AtomicBool::new(true),
+                writable,
+                committer,
             },
             sender,
             breaker: Mutex::new(Breaker::new(cfg.breaker)),
@@ -264,13 +342,12 @@ impl Outbox {
             idempotency_key.to_string(),
             payload.clone(),
         );
-        let (clock, lease) = (self.clock, self.cfg.lease.as_millis() as i64);
-        // The lease is stamped when the row is written, not before waiting for the file lock.
-        let enqueue = self.db.write(move |s| {
-            let now = clock.now_ms();
-            s.enqueue(&sale, &key, &body, now, attempt_now.then_some(now + lease))
-        });
-        let job = match tokio::time::timeout_at(deadline, enqueue).await {
+        let job = match tokio::time::timeout_at(
+            deadline,
+            self.enqueue(sale, key, body, attempt_now),
+        )
+        .await
+        {
             Err(_) => {
                 // The write goes on in the background; if it lands, the worker delivers it.
                 tracing::error!(
@@ -353,6 +430,48 @@ impl Outbox {
                 false,
             ),
         }
+    }
+
+    /// Makes a new job durable (group commit); the lease is stamped when the row is written.
+    async fn enqueue(
+        &self,
+        sale_id: String,
+        key: String,
+        payload: Vec<u8>,
+        attempt_now: bool,
+    ) -> Result<Enqueued, StoreError> {
+        if self.db.inline {
+            let (clock, lease) = (self.clock, self.cfg.lease.as_millis() as i64);
+            return self
+                .db
+                .write(move |s| {
+                    let now = clock.now_ms();
+                    s.enqueue(
+                        &sale_id,
+                        &key,
+                        &payload,
+                        now,
+                        attempt_now.then_some(now + lease),
+                    )
+                })
+                .await;
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.db
+            .committer
+            .send(EnqueueRequest {
+                sale_id,
+                key,
+                payload,
+                attempt_now,
+                reply,
+            })
+            .map_err(|_| StoreError::Task("the outbox commit thread has stopped".into()))?;
+        answer.await.unwrap_or_else(|_| {
+            Err(StoreError::Task(
+                "the outbox commit thread has stopped".into(),
+            ))
+        })
     }
 
     /// Why an inline attempt should not be made now, and whether the CRM counts as available.

@@ -184,6 +184,19 @@ impl Stats {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// `synchronous=FULL` on the commit that makes jobs durable.
+    durable: bool,
+}
+
+/// A job to store (see [`Store::enqueue_batch`]).
+#[derive(Debug, Clone, Copy)]
+pub struct NewJob<'a> {
+    pub sale_id: &'a str,
+    pub idempotency_key: &'a str,
+    pub payload: &'a [u8],
+    pub now: i64,
+    /// Set: the job starts claimed (in flight) until then, for the inline attempt.
+    pub lease_until: Option<i64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -213,12 +226,11 @@ impl Store {
         conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
-        conn.pragma_update(
-            None,
-            "synchronous",
-            if synchronous_full { "FULL" } else { "NORMAL" },
-        )
-        .map_err(err)?;
+        // NORMAL for everything but the commit that makes a job durable (see `enqueue_batch`):
+        // in WAL mode that commit's fsync also covers every write before it, and losing the
+        // last outcome updates to a power cut only means one resend with the same key.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(err)?;
         let version: i64 = conn
@@ -238,7 +250,11 @@ impl Store {
                 .map_err(err)?;
             tx.commit().map_err(err)?;
         }
-        Ok(Store { conn, path })
+        Ok(Store {
+            conn,
+            path,
+            durable: synchronous_full,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -263,27 +279,72 @@ impl Store {
         now: i64,
         lease_until: Option<i64>,
     ) -> Result<Enqueued, StoreError> {
-        let (state, attempts) = match lease_until {
-            Some(_) => (State::InFlight, 1),
-            None => (State::Pending, 0),
+        let job = NewJob {
+            sale_id,
+            idempotency_key,
+            payload,
+            now,
+            lease_until,
         };
-        let inserted = self
-            .conn
-            .execute(
-                "INSERT INTO jobs (sale_id, idempotency_key, payload, state, attempts, total_attempts, \
-                 created_at, cycle_started_at, updated_at, next_attempt_at, lease_until) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?6, ?6, ?6, ?7) ON CONFLICT (sale_id) DO NOTHING",
-                params![sale_id, idempotency_key, payload, state.as_str(), attempts, now, lease_until],
-            )
-            .map_err(|e| self.err(e))?;
-        let job = self
-            .get(sale_id)?
-            .ok_or_else(|| self.err(rusqlite::Error::QueryReturnedNoRows))?;
-        Ok(if inserted == 1 {
-            Enqueued::New(job)
-        } else {
-            Enqueued::Existing(job)
-        })
+        self.enqueue_batch(std::slice::from_ref(&job))?
+            .pop()
+            .expect("one result per job")
+    }
+
+    /// Stores several new jobs in one transaction: one fsync for all of them (group commit,
+    /// so concurrent sales do not queue behind each other's disk flush). The commit uses
+    /// `synchronous=FULL` unless the store was opened without it. Each job gets its own result;
+    /// an error of the commit itself fails them all.
+    pub fn enqueue_batch(
+        &mut self,
+        jobs: &[NewJob<'_>],
+    ) -> Result<Vec<Result<Enqueued, StoreError>>, StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        if self.durable {
+            self.conn
+                .pragma_update(None, "synchronous", "FULL")
+                .map_err(err)?;
+        }
+        let result = (|| {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(err)?;
+            let mut out = Vec::with_capacity(jobs.len());
+            for j in jobs {
+                let (state, attempts) = match j.lease_until {
+                    Some(_) => (State::InFlight, 1),
+                    None => (State::Pending, 0),
+                };
+                let one = tx
+                    .execute(
+                        "INSERT INTO jobs (sale_id, idempotency_key, payload, state, attempts, total_attempts, \
+                         created_at, cycle_started_at, updated_at, next_attempt_at, lease_until) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?6, ?6, ?6, ?7) ON CONFLICT (sale_id) DO NOTHING",
+                        params![j.sale_id, j.idempotency_key, j.payload, state.as_str(), attempts, j.now, j.lease_until],
+                    )
+                    .and_then(|inserted| {
+                        let job = tx.query_row(
+                            &format!("SELECT {COLUMNS} FROM jobs WHERE sale_id = ?1"),
+                            params![j.sale_id],
+                            job_from_row,
+                        )?;
+                        Ok(if inserted == 1 { Enqueued::New(job) } else { Enqueued::Existing(job) })
+                    })
+                    .map_err(err);
+                out.push(one);
+            }
+            tx.commit().map_err(err)?;
+            Ok(out)
+        })();
+        if self.durable {
+            let _ = self.conn.pragma_update(None, "synchronous", "NORMAL");
+        }
+        result
     }
 
     pub fn get(&self, sale_id: &str) -> Result<Option<Job>, StoreError> {
@@ -604,6 +665,32 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(s.stats().unwrap().pending, 1);
+    }
+
+    #[test]
+    fn a_group_commit_stores_each_job_once() {
+        let (_d, mut s) = store();
+        s.enqueue("OLD", "k", b"old", 1, None).unwrap();
+        let job = |id: &'static str| NewJob {
+            sale_id: id,
+            idempotency_key: id,
+            payload: b"p",
+            now: 5,
+            lease_until: Some(100),
+        };
+        let out = s
+            .enqueue_batch(&[job("A"), job("OLD"), job("B"), job("A")])
+            .unwrap();
+        let kinds: Vec<&str> = out
+            .iter()
+            .map(|r| match r.as_ref().unwrap() {
+                Enqueued::New(_) => "new",
+                Enqueued::Existing(_) => "existing",
+            })
+            .collect();
+        assert_eq!(kinds, ["new", "existing", "new", "existing"]);
+        let st = s.stats().unwrap();
+        assert_eq!((st.pending, st.in_flight), (1, 2));
     }
 
     #[test]
