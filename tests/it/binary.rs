@@ -113,16 +113,18 @@ async fn the_api_key_never_appears_in_logs() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(BIN)
-        .args(["--config", cfg.to_str().unwrap()])
-        .env_clear()
-        .env("CRM_API_URL", crm.url())
-        .env("CRM_API_KEY", SECRET)
-        .env("PROXY_ADMIN_TOKEN", TOKEN)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = crate::support::Reaped(
+        Command::new(BIN)
+            .args(["--config", cfg.to_str().unwrap()])
+            .env_clear()
+            .env("CRM_API_URL", crm.url())
+            .env("CRM_API_KEY", SECRET)
+            .env("PROXY_ADMIN_TOKEN", TOKEN)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use crate::support::{client, KEY, SALE_NO_CUSTOMER, SALE_WITH_CUSTOMER};
 const ROUNDS: usize = 6;
 
 struct Running {
-    child: Child,
+    child: crate::support::Reaped,
     proxy: SocketAddr,
     admin: SocketAddr,
 }
@@ -58,7 +58,7 @@ fn start(config: &std::path::Path, crm: &SampleCrm) -> Running {
         };
         if line.contains("pos-crm-proxy started") {
             return Running {
-                child,
+                child: crate::support::Reaped(child),
                 proxy: addr(&line, "listen="),
                 admin: addr(&line, "admin="),
             };

@@ -476,15 +476,17 @@ async fn sigterm_lets_a_slow_sale_finish_then_exits_0() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pos-crm-proxy"))
-        .args(["--config", cfg.to_str().unwrap(), "--log-format", "json"])
-        .env_clear()
-        .env("CRM_API_URL", crm.url())
-        .env("CRM_API_KEY", KEY)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = crate::support::Reaped(
+        Command::new(env!("CARGO_BIN_EXE_pos-crm-proxy"))
+            .args(["--config", cfg.to_str().unwrap(), "--log-format", "json"])
+            .env_clear()
+            .env("CRM_API_URL", crm.url())
+            .env("CRM_API_KEY", KEY)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let addr: SocketAddr = loop {
         let Some(Ok(line)) = lines.next() else {

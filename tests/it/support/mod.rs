@@ -339,3 +339,27 @@ pub fn normalise(mut v: serde_json::Value) -> serde_json::Value {
     }
     v
 }
+
+/// A child process that is killed and reaped when dropped, so a failing assertion never
+/// leaves a proxy running.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
