@@ -134,6 +134,11 @@ impl Upstream {
                 tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
             }
         } else {
+            // A `Content-Length` beside `Transfer-Encoding` is stale (the chunked framing wins,
+            // RFC 9112 §6.3); forwarded, it would cut or desynchronise the client's stream.
+            if resp.headers().contains_key(header::TRANSFER_ENCODING) {
+                resp.headers_mut().remove(header::CONTENT_LENGTH);
+            }
             strip_hop_by_hop(resp.headers_mut(), false);
         }
         Ok(resp.map(Body::from))

@@ -175,7 +175,17 @@ fn line_total(price: &RawValue, quantity: &RawValue) -> Box<RawValue> {
     }
     let p: f64 = serde_json::from_str(price.get()).unwrap_or(0.0);
     let q: f64 = serde_json::from_str(quantity.get()).unwrap_or(0.0);
-    serde_json::to_string(&(p * q))
+    let total = p * q;
+    if !total.is_finite() {
+        // JSON has no infinity (serde_json would write `null`): a line this absurd gets 0.
+        tracing::warn!(
+            price = price.get(),
+            quantity = quantity.get(),
+            "line total out of range; sent as 0"
+        );
+        return zero();
+    }
+    serde_json::to_string(&total)
         .map(|s| raw_number(&s))
         .unwrap_or_else(|_| zero())
 }
@@ -325,6 +335,16 @@ mod tests {
         assert!(v.contains(r#""notes":"POS Sale #S""#), "{v}");
         assert!(!v.contains("payment_method"), "{v}");
         assert!(!v.contains("warehouse_id"), "{v}");
+    }
+
+    #[test]
+    fn an_absurd_line_total_is_still_a_number() {
+        let sale =
+            Sale::parse(br#"{"items":[{"price":1e200,"quantity":1e200}],"total":1}"#).unwrap();
+        let p = InvoicePayload::build(&sale, "c", "c", "S", "2026-01-01", "USD");
+        let v: serde_json::Value =
+            serde_json::from_slice(&serde_json::to_vec(&p).unwrap()).unwrap();
+        assert_eq!(v["line_items"][0]["total"], 0);
     }
 
     #[test]

@@ -180,12 +180,16 @@ fn noted(
     resp
 }
 
+/// The POS's answer as read, re-framed from its real length.
 fn untouched(
-    parts: Parts,
+    mut parts: Parts,
     raw: Bytes,
     sale_id: Option<String>,
     why: &'static str,
 ) -> Response<Body> {
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(raw.len()));
     noted(Response::from_parts(parts, Body::full(raw)), sale_id, why)
 }
 
@@ -236,7 +240,8 @@ where
         Ok(resp) => resp,
         Err(_) => {
             tracing::error!("sale handling panicked; POS answer passed through untouched");
-            let (status, version, headers) = backup;
+            let (status, version, mut headers) = backup;
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(raw.len()));
             let mut resp = Response::new(Body::full(raw));
             *resp.status_mut() = status;
             *resp.version_mut() = version;
