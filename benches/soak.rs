@@ -241,7 +241,10 @@ struct Resources {
 
 #[derive(Debug, Clone, Copy)]
 enum ConfigFile {
-    Valid { budget_ms: u64, access_log: bool },
+    Valid {
+        budget_ms: u64,
+        access_log: bool,
+    },
     /// TOML that does not parse.
     BadSyntax,
     /// A key the proxy does not know.
@@ -553,12 +556,7 @@ async fn one_request(
     }
 }
 
-async fn client_loop(
-    seed: u64,
-    base: String,
-    stop: Arc<AtomicBool>,
-    tally: Arc<Mutex<Tally>>,
-) {
+async fn client_loop(seed: u64, base: String, stop: Arc<AtomicBool>, tally: Arc<Mutex<Tally>>) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let c = http_client();
     let mut tick = tokio::time::interval(Duration::from_millis(1000 / RATE_PER_CLIENT));
@@ -912,7 +910,11 @@ async fn run(args: Args) {
     let pos = SamplePos::start(SamplePosOptions::default())
         .await
         .expect("start the sample POS");
-    let crm = Arc::new(SampleCrm::start(API_KEY).await.expect("start the sample CRM"));
+    let crm = Arc::new(
+        SampleCrm::start(API_KEY)
+            .await
+            .expect("start the sample CRM"),
+    );
     let dir = tempfile::tempdir().expect("temp dir");
     let data_dir = dir.path().join("data");
     let config_path = dir.path().join("config.toml");
@@ -1140,7 +1142,10 @@ async fn run(args: Args) {
     );
     row(
         "requests served",
-        format!("{served} ({:.0}/s), failed {failed}", served as f64 / load_secs),
+        format!(
+            "{served} ({:.0}/s), failed {failed}",
+            served as f64 / load_secs
+        ),
     );
     for k in KINDS {
         let mut l = t.latency_us[k.index()].clone();
@@ -1182,10 +1187,7 @@ async fn run(args: Args) {
         "sync budgets seen in crmStatus",
         format!("{:?} ms", t.budgets_seen),
     );
-    row(
-        "till told: invoice created",
-        t.created_inline.to_string(),
-    );
+    row("till told: invoice created", t.created_inline.to_string());
     for (k, v) in &t.queued {
         row(&format!("till told: queued – {k}"), v.to_string());
     }
@@ -1229,7 +1231,10 @@ async fn run(args: Args) {
         ),
     );
     row("**duplicates**", duplicated.to_string());
-    row("**lost**", format!("{} (+{warm_lost} in warm-up)", lost.len()));
+    row(
+        "**lost**",
+        format!("{} (+{warm_lost} in warm-up)", lost.len()),
+    );
     row(
         "outbox after drain",
         format!(
@@ -1261,7 +1266,10 @@ async fn run(args: Args) {
     );
     row(
         "threads baseline → after (peak)",
-        format!("{} → {} (peak {})", baseline.threads, after.threads, peak.threads),
+        format!(
+            "{} → {} (peak {})",
+            baseline.threads, after.threads, peak.threads
+        ),
     );
     row(
         "proxy WARN/ERROR lines",
@@ -1301,7 +1309,9 @@ async fn run(args: Args) {
     }
     if duplicated > 0 {
         let dups: Vec<_> = per_sale.iter().filter(|(_, n)| **n > 1).take(5).collect();
-        problems.push(format!("{duplicated} sales have more than one invoice: {dups:?}"));
+        problems.push(format!(
+            "{duplicated} sales have more than one invoice: {dups:?}"
+        ));
     }
     if failed > 0 || t.not_queued > 0 || warm_t.failed.iter().sum::<u64>() > 0 {
         problems.push(format!(
@@ -1329,7 +1339,9 @@ async fn run(args: Args) {
         ));
     }
     if key_leaks > 0 {
-        problems.push(format!("the CRM API key appears in {key_leaks} stderr lines"));
+        problems.push(format!(
+            "the CRM API key appears in {key_leaks} stderr lines"
+        ));
     }
     if reloads.invalid_files == 0 {
         problems.push("no invalid config was tried (run longer)".into());
@@ -1357,10 +1369,7 @@ async fn run(args: Args) {
         problems.push(format!("exit after SIGTERM: {exit:?}, expected 0"));
     }
     if !problems.is_empty() {
-        panic!(
-            "soak failed (seed {seed}):\n- {}",
-            problems.join("\n- ")
-        );
+        panic!("soak failed (seed {seed}):\n- {}", problems.join("\n- "));
     }
     println!("soak passed (seed {seed})");
 }
