@@ -19,8 +19,20 @@
 //!    idle, RSS/fds again, SIGTERM (exit 0 expected).
 //! 4. Figures as a Markdown table. Panics when an answered sale with a customer has no invoice
 //!    (lost), a sale has two (duplicated), a request failed, a WARN/ERROR line of the proxy is
-//!    not explained by the chaos at the time it was logged, the reload counts are off, the fds
-//!    are not back near the baseline or the RSS grew by more than half.
+//!    not explained by the chaos at the time it was logged, the reload counts are off, the CRM
+//!    API key shows in the proxy's stderr, the fds are not back near the baseline (+10), the
+//!    RSS grew by more than half, or the proxy does not exit 0 on SIGTERM.
+//!
+//! Explained WARN/ERROR lines: "CRM invoice not created; will retry" with a 500 while the CRM
+//! answered 500, a timeout while it was slow or hanging, a dropped connection while it dropped
+//! them; "circuit open" during any fault; "configuration not reloaded" while an invalid file
+//! was in place (each within a few seconds of the log line's timestamp). A line without a
+//! timestamp continues the entry before it.
+//!
+//! Besides the short timeouts, the config sets `outbox.drain_rate_per_sec = 500` and
+//! `breaker_max_open_ms = 2000` so a backlog drains within the run. The seed is printed;
+//! `SOAK_SEED=<seed>` repeats the same chaos schedule and request mix. Every process started
+//! is killed on the way out (panic, Ctrl-C and SIGTERM included).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -87,7 +99,7 @@ fn parse_log_time(s: &str) -> Option<i64> {
 // ---------------------------------------------------------------------------------------------
 // The proxy process
 
-/// One stderr line of the proxy and when it was read.
+/// One stderr line of the proxy.
 struct LogLine {
     text: String,
 }
