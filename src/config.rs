@@ -490,10 +490,39 @@ impl Config {
     pub fn from_toml(text: &str, origin: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
         let mut raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
+            message: parse_message(text, &e),
         })?;
         apply_env(&mut raw, env)?;
         validate(raw)
+    }
+}
+
+/// One line: what is wrong and where. Never the offending text itself (toml's own `Display`
+/// quotes the line, which may be the line holding the API key).
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let what = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            // The key on that line is safe to name (only the value could be a secret).
+            let key = text
+                .lines()
+                .nth(line - 1)
+                .and_then(|l| l.split_once('='))
+                .map(|(k, _)| k.trim())
+                .filter(|k| {
+                    !k.is_empty()
+                        && k.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "_.-\"".contains(c))
+                });
+            match key {
+                Some(k) => format!("line {line}, column {column}, key `{k}`: {what}"),
+                None => format!("line {line}, column {column}: {what}"),
+            }
+        }
+        None => what,
     }
 }
 
@@ -984,6 +1013,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn parse_errors_name_the_place_but_never_quote_the_file() {
+        for text in [
+            "[crm]\napi_key = \"sk-live-SECRET-123\n",
+            "[crm]\napi_key = sk-live-SECRET-123\n",
+            "[proxy]\nadmin_token = [\"sk-live-SECRET-123\"]\n",
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(!err.contains("SECRET"), "{err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+            assert!(err.contains("line 2"), "{err}");
+        }
     }
 
     #[test]

@@ -189,7 +189,10 @@ impl CrmClient {
                 .create_once(payload, idempotency_key)
                 .await
                 .map_err(|e| match e {
-                    Stale => CrmError::Other("connection closed before the CRM answered".into()),
+                    // Twice, on a fresh connection too: the CRM is not answering.
+                    Stale => {
+                        CrmError::Unreachable("connection closed before the CRM answered".into())
+                    }
                     Failed(e) => e,
                 }),
             Err(Failed(e)) => Err(e),
