@@ -1451,6 +1451,8 @@ fn ok(met: bool) -> &'static str {
 struct Report {
     opts: Options,
     pinning: Pinning,
+    /// `nproc` as the machine reports it before this process pins itself.
+    nproc: String,
     /// Where each measured process was allowed to run (Cpus_allowed_list), as checked.
     pins_checked: String,
     nginx_version: String,
@@ -1492,6 +1494,8 @@ fn main() {
     };
     let started = Instant::now();
     let nproc = thread::available_parallelism().map_or(1, |n| n.get());
+    // Before pinning: `nproc` counts only the CPUs this process may use.
+    let nproc_text = command_output("nproc", &[]).unwrap_or_else(|| nproc.to_string());
     let pinning = plan_pinning(&opts, nproc, find_program("taskset").is_some());
     // Pin this process before any thread exists: the runtime's threads inherit it.
     if let Some(cpus) = &pinning.upstream {
@@ -1651,6 +1655,7 @@ fn main() {
 
     let cpus_of = |pid: u32| status_field(pid, "Cpus_allowed_list").unwrap_or_else(|| "?".into());
     let report = Report {
+        nproc: nproc_text,
         pins_checked: format!(
             "proxy {}, nginx master {} / worker {}, bench process {}",
             cpus_of(proxy.pid),
@@ -1817,7 +1822,7 @@ fn render(r: &Report) -> String {
     let _ = writeln!(
         md,
         "- machine: nproc {}, {}, kernel {}",
-        command_output("nproc", &[]).unwrap_or_default(),
+        r.nproc,
         cpu_model(),
         command_output("uname", &["-r"]).unwrap_or_default()
     );

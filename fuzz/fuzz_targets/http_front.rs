@@ -47,7 +47,7 @@ const SALE_REQUEST: &str = r#"{"items":[{"id":"test-product-1","name":"Test Coff
 
 struct Harness {
     proxy: SocketAddr,
-    /// What the fake POS answers: `None` = the fixed sale answer, keep-alive.
+    /// What the fake POS answers: `None` = like the POS (fixed answers, keep-alive).
     answer: Arc<Mutex<Option<Arc<Vec<u8>>>>>,
     runs: AtomicU64,
     /// The running proxy, never shut down (it runs until the process ends).
@@ -340,8 +340,8 @@ fn exchange(addr: SocketAddr, bytes: &[u8], waits: Waits) -> std::io::Result<Vec
     Ok(out)
 }
 
-/// Checks the head of the first HTTP/1 response in `answer` (when it arrived in full): framing
-/// that a client or a cache in front could read two ways is a finding.
+/// Checks the first HTTP/1 response in `answer` (when its head arrived in full): framing that a
+/// client or a cache in front could read two ways is a finding.
 fn check_framing(answer: &[u8]) {
     if !answer.starts_with(b"HTTP/1.") {
         return; // nothing, HTTP/2 frames, or an upgraded tunnel's bytes
