@@ -624,6 +624,16 @@ fn millis(key: &str, ms: u64) -> Result<Duration, ConfigError> {
     Ok(Duration::from_millis(ms))
 }
 
+/// The `tracing` filter for a `log.level` value. Field values in it (`[span{field=value}]`) are
+/// matched literally, never compiled as regular expressions: a regex DFA for a few kilobytes of
+/// `.` takes tens of seconds to build, at start-up and on every reload.
+pub fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    tracing_subscriber::EnvFilter::builder()
+        .with_regex(false)
+        .parse(level)
+        .map_err(|e| e.to_string())
+}
+
 fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let listen = addr("proxy.listen", &raw.proxy.listen)?;
     let admin_listen = addr("proxy.admin_listen", &raw.proxy.admin_listen)?;
@@ -890,7 +900,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             ))
         }
     };
-    if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
+    if log_filter(&raw.log.level).is_err() {
         return Err(invalid(
             "log.level",
             format!(

@@ -179,8 +179,10 @@ fn init_logging(level: &str, format: LogFormat) -> LogLevelFn {
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::{reload, EnvFilter};
     let from_env = std::env::var_os("RUST_LOG").is_some();
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
+    let filter = EnvFilter::builder()
+        .with_regex(false)
+        .try_from_env()
+        .or_else(|_| pos_crm_proxy::config::log_filter(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer()
@@ -197,7 +199,7 @@ fn init_logging(level: &str, format: LogFormat) -> LogLevelFn {
         if from_env {
             return Err("RUST_LOG is set and wins over log.level".to_string());
         }
-        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        let filter = pos_crm_proxy::config::log_filter(level)?;
         handle.reload(filter).map_err(|e| e.to_string())
     })
 }

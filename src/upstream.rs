@@ -134,6 +134,15 @@ impl Upstream {
                 tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
             }
         } else {
+            // hyper does not check the length of an answer without a body (HEAD, 204, 304):
+            // an invalid or conflicting one must not reach the client (RFC 9112 §6.3: 502).
+            if !resp.headers().contains_key(header::TRANSFER_ENCODING)
+                && !content_length_valid(resp.headers())
+            {
+                return Err(ProxyError::UpstreamBroken(
+                    "invalid Content-Length in the POS answer".into(),
+                ));
+            }
             // A `Content-Length` beside `Transfer-Encoding` is stale (the chunked framing wins,
             // RFC 9112 §6.3); forwarded, it would cut or desynchronise the client's stream.
             if resp.headers().contains_key(header::TRANSFER_ENCODING) {
@@ -306,6 +315,28 @@ fn copy_head(req: &Request<Body>) -> Request<Body> {
     *copy.headers_mut() = req.headers().clone();
     *copy.extensions_mut() = req.extensions().clone();
     copy
+}
+
+/// Every `Content-Length` value (comma lists included) is the same decimal number.
+fn content_length_valid(headers: &HeaderMap) -> bool {
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        let Ok(text) = value.to_str() else {
+            return false;
+        };
+        for part in text.split(',').map(str::trim) {
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return false;
+            }
+            let Ok(n) = part.parse::<u64>() else {
+                return false;
+            };
+            if *length.get_or_insert(n) != n {
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// `Connection: upgrade` plus an `Upgrade` header (HTTP/1.1 only).
