@@ -166,6 +166,10 @@ mod tests {
         answers: Mutex<VecDeque<Result<CreatedInvoice, CrmError>>>,
         calls: Mutex<Vec<(Instant, String, String)>>,
         created: Mutex<u32>,
+        /// Every send takes this long first.
+        delay: Duration,
+        /// This key is answered 500 whenever it would have been created.
+        poison_key: Option<&'static str>,
     }
 
     fn status(code: u16, retry_after: Option<u64>) -> Result<CreatedInvoice, CrmError> {
@@ -198,6 +202,17 @@ mod tests {
             key: &'a str,
         ) -> Pin<Box<dyn Future<Output = Result<CreatedInvoice, CrmError>> + Send + 'a>> {
             Box::pin(async move {
+                if !self.delay.is_zero() {
+                    tokio::time::sleep(self.delay).await;
+                }
+                if self.poison_key == Some(key) && self.answers.lock().unwrap().is_empty() {
+                    self.calls.lock().unwrap().push((
+                        Instant::now(),
+                        key.to_string(),
+                        String::new(),
+                    ));
+                    return status(500, None);
+                }
                 let body = String::from_utf8_lossy(&payload).into_owned();
                 self.calls
                     .lock()
@@ -240,19 +255,24 @@ mod tests {
         _dir: tempfile::TempDir,
     }
 
-    async fn rig(crm: Arc<Scripted>, cfg: OutboxConfig) -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let outbox = Arc::new(
+    /// An outbox on tokio's paused clock with SQLite on the calling thread.
+    fn open_outbox(dir: &tempfile::TempDir, cfg: OutboxConfig, crm: Arc<Scripted>) -> Arc<Outbox> {
+        Arc::new(
             Outbox::open(
                 dir.path(),
                 cfg,
-                crm.clone(),
+                crm,
                 Clock::following_tokio(),
                 Default::default(),
             )
             .unwrap()
             .with_inline_store(),
-        );
+        )
+    }
+
+    async fn rig(crm: Arc<Scripted>, cfg: OutboxConfig) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = open_outbox(&dir, cfg, crm.clone());
         let (stop, shutdown) = Shutdown::new();
         let worker = tokio::spawn(outbox.clone().run_worker(shutdown));
         Rig {
@@ -381,42 +401,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_job_the_crm_keeps_refusing_with_500_does_not_keep_the_circuit_open() {
         // 503s open the circuit; then the CRM is back but answers 500 for the oldest job only
-        struct PoisonFirst(Scripted);
-        impl Sender for PoisonFirst {
-            fn configured(&self) -> bool {
-                true
-            }
-            fn send<'a>(
-                &'a self,
-                payload: Bytes,
-                key: &'a str,
-            ) -> Pin<Box<dyn Future<Output = Result<CreatedInvoice, CrmError>> + Send + 'a>>
-            {
-                Box::pin(async move {
-                    let r = self.0.send(payload, key).await;
-                    if key == "pos-sale-POISON" && r.is_ok() {
-                        return status(500, None);
-                    }
-                    r
-                })
-            }
-        }
         let dir = tempfile::tempdir().unwrap();
-        let crm = Arc::new(PoisonFirst(Scripted {
+        let crm = Arc::new(Scripted {
             answers: Mutex::new((0..3).map(|_| status(503, None)).collect()),
+            poison_key: Some("pos-sale-POISON"),
             ..Scripted::default()
-        }));
-        let outbox = Arc::new(
-            Outbox::open(
-                dir.path(),
-                config(RetryPolicy::default(), 3),
-                crm.clone(),
-                Clock::following_tokio(),
-                Default::default(),
-            )
-            .unwrap()
-            .with_inline_store(),
-        );
+        });
+        let outbox = open_outbox(&dir, config(RetryPolicy::default(), 3), crm);
         let (stop, shutdown) = Shutdown::new();
         let worker = tokio::spawn(outbox.clone().run_worker(shutdown));
         let budget = Duration::from_millis(1500);
@@ -454,36 +445,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_attempt_that_outlives_its_lease_is_taken_over_and_its_late_201_still_counts() {
-        struct Slow(Scripted);
-        impl Sender for Slow {
-            fn configured(&self) -> bool {
-                true
-            }
-            fn send<'a>(
-                &'a self,
-                payload: Bytes,
-                key: &'a str,
-            ) -> Pin<Box<dyn Future<Output = Result<CreatedInvoice, CrmError>> + Send + 'a>>
-            {
-                Box::pin(async move {
-                    tokio::time::sleep(Duration::from_secs(90)).await;
-                    self.0.send(payload, key).await
-                })
-            }
-        }
         let dir = tempfile::tempdir().unwrap();
-        let slow = Arc::new(Slow(Scripted::default()));
-        let outbox = Arc::new(
-            Outbox::open(
-                dir.path(),
-                config(RetryPolicy::default(), 5), // lease: 60 s
-                slow.clone(),
-                Clock::following_tokio(),
-                Default::default(),
-            )
-            .unwrap()
-            .with_inline_store(),
-        );
+        let slow = Arc::new(Scripted {
+            delay: Duration::from_secs(90),
+            ..Scripted::default()
+        });
+        let outbox = open_outbox(&dir, config(RetryPolicy::default(), 5), slow.clone());
         let (stop, shutdown) = Shutdown::new();
         let worker = tokio::spawn(outbox.clone().run_worker(shutdown));
         let budget = Duration::from_millis(1500);
@@ -504,7 +471,7 @@ mod tests {
             job.total_attempts, 2,
             "the worker took over after the lease ran out"
         );
-        assert_eq!(slow.0.calls().len(), 2, "same key both times");
+        assert_eq!(slow.calls().len(), 2, "same key both times");
         let _ = stop.send(true);
         worker.await.unwrap();
         outbox.shutdown(Duration::from_secs(1)).await;
@@ -596,36 +563,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_budget_answers_the_till_and_the_attempt_goes_on() {
-        struct Slow(Scripted);
-        impl Sender for Slow {
-            fn configured(&self) -> bool {
-                true
-            }
-            fn send<'a>(
-                &'a self,
-                payload: Bytes,
-                key: &'a str,
-            ) -> Pin<Box<dyn Future<Output = Result<CreatedInvoice, CrmError>> + Send + 'a>>
-            {
-                Box::pin(async move {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    self.0.send(payload, key).await
-                })
-            }
-        }
         let dir = tempfile::tempdir().unwrap();
-        let slow = Arc::new(Slow(Scripted::default()));
-        let outbox = Arc::new(
-            Outbox::open(
-                dir.path(),
-                config(RetryPolicy::default(), 5),
-                slow.clone(),
-                Clock::following_tokio(),
-                Default::default(),
-            )
-            .unwrap()
-            .with_inline_store(),
-        );
+        let slow = Arc::new(Scripted {
+            delay: Duration::from_secs(5),
+            ..Scripted::default()
+        });
+        let outbox = open_outbox(&dir, config(RetryPolicy::default(), 5), slow.clone());
         let start = Instant::now();
         let budget = Duration::from_millis(1500);
         let s = outbox
@@ -639,6 +582,6 @@ mod tests {
             outbox.get("S").await.unwrap().unwrap().state,
             State::Delivered
         );
-        assert_eq!(slow.0.calls().len(), 1);
+        assert_eq!(slow.calls().len(), 1);
     }
 }
