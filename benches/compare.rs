@@ -1,7 +1,9 @@
 //! pos-crm-proxy against nginx and against no proxy at all, with real processes on loopback.
 //!
 //! `cargo bench --bench compare` (about 5 minutes) or `cargo bench --bench compare -- --quick`
-//! (2 s runs, 1 round, about 1 minute). Other flags: `--secs N`, `--rounds N`, `--no-pin`.
+//! (2 s runs, 1 round, about 1 minute). Other flags: `--secs N`, `--rounds N`, `--no-pin`,
+//! `--serve N` (start upstream, fake CRM, nginx and the proxy, print their addresses, keep them
+//! up N seconds and measure nothing: for profiling by hand with `perf record -p` and `wrk`).
 //!
 //! Needs `wrk` and `nginx` on the PATH (Debian: `apt-get install -y nginx wrk`); without them it
 //! says so and exits 0. It installs nothing.
@@ -69,6 +71,9 @@ struct Options {
     /// `--pin UP/TARGET/WRK`: taskset CPU lists instead of the default plan.
     pin_layout: Option<String>,
     hang_sales: usize,
+    /// `--serve SECS`: start everything, print the addresses, keep it up for SECS, measure
+    /// nothing (for profiling the proxy by hand with `perf` and `wrk`).
+    serve: Option<u64>,
 }
 
 fn parse_args() -> Options {
@@ -79,6 +84,7 @@ fn parse_args() -> Options {
         pin: true,
         pin_layout: None,
         hang_sales: 30,
+        serve: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -93,6 +99,11 @@ fn parse_args() -> Options {
             "--no-pin" => o.pin = false,
             "--pin" => {
                 o.pin_layout = args.get(i + 1).cloned();
+                i += 1;
+            }
+            "--serve" => {
+                let secs = args.get(i + 1).and_then(|v| v.parse().ok());
+                o.serve = Some(secs.filter(|s| *s > 0).unwrap_or(600).min(3600));
                 i += 1;
             }
             "--secs" | "--rounds" => {
@@ -1556,6 +1567,26 @@ fn main() {
         if let Some(body) = s.body {
             scripts.insert(s.title, lua_script(work.path(), &format!("post{i}"), body));
         }
+    }
+    if let Some(secs) = opts.serve {
+        println!("serving for {secs} s (Ctrl-C stops everything)");
+        println!("upstream (direct): http://{direct}");
+        println!("fake CRM:          http://{crm}");
+        println!("nginx:             http://{}", ngx.addr);
+        println!(
+            "pos-crm-proxy:     http://{} (admin {}, pid {})",
+            proxy.addr, proxy.admin, proxy.pid
+        );
+        for (title, script) in &scripts {
+            println!("wrk script for {title}: {}", script.display());
+        }
+        if let Some(cpus) = &pinning.wrk {
+            println!(
+                "run wrk pinned like the bench: taskset -c {cpus} wrk -t1 -c{CONNECTIONS} ..."
+            );
+        }
+        thread::sleep(Duration::from_secs(secs));
+        return;
     }
     let bench = Bench {
         launcher: &launcher,

@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use self::breaker::{Breaker, BreakerConfig, Signal, Transition};
 use self::schedule::RetryPolicy;
-use self::store::{Enqueued, Job, State, Stats, Store, StoreError};
+use self::store::{Enqueued, Job, Outcome, State, Stats, Store, StoreError};
 use crate::crm::{CreatedInvoice, CrmClient, CrmError, Retry};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::sales::model::CrmStatus;
@@ -109,15 +109,27 @@ pub struct OutboxConfig {
     pub poll_interval: Duration,
 }
 
-/// The outbox file is in use by the async runtime: SQLite calls run on blocking threads.
+/// The outbox file is in use by the async runtime: the hot writes (new jobs, attempt outcomes)
+/// go to one writer thread; reads and operator writes run on blocking threads.
 struct Db {
     store: Arc<Mutex<Store>>,
     /// Run SQLite on the calling thread (paused-time tests, where blocking threads would let
-    /// tokio's clock jump) instead of `spawn_blocking`.
+    /// tokio's clock jump) instead of `spawn_blocking` and the writer thread.
     inline: bool,
     writable: Arc<AtomicBool>,
-    /// The group-commit thread for new jobs (see [`group_commit`]).
-    committer: std::sync::mpsc::Sender<EnqueueRequest>,
+    /// The writer thread (see [`write_batches`]).
+    writer: std::sync::mpsc::Sender<WriteOp>,
+}
+
+/// A write for the writer thread.
+enum WriteOp {
+    /// A new job (made durable by the batch's commit).
+    Enqueue(EnqueueRequest),
+    /// The end of an attempt.
+    Record {
+        outcome: Outcome,
+        reply: tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
+    },
 }
 
 /// A new job waiting for the group commit.
@@ -130,29 +142,36 @@ struct EnqueueRequest {
     reply: tokio::sync::oneshot::Sender<Result<Enqueued, StoreError>>,
 }
 
-/// Largest number of new jobs committed together.
+/// Largest number of writes committed together.
 const MAX_GROUP: usize = 256;
 
-/// Commits new jobs in groups: whatever sales arrived while the previous commit was being
-/// flushed to disk go into the next transaction together, so N concurrent sales cost one
-/// fsync, not N. A lone sale is committed at once; nothing waits to fill a group.
-fn group_commit(
-    rx: std::sync::mpsc::Receiver<EnqueueRequest>,
+/// The writer thread: commits in groups. Whatever arrived while the previous commit was being
+/// flushed to disk goes into the next transaction together, so N concurrent sales cost one
+/// fsync, not N, and their outcomes ride along. A lone write is committed at once; nothing
+/// waits to fill a group. One thread instead of a blocking task per write: no convoy of
+/// threads on the store's lock, no thread wake-up per sale.
+fn write_batches(
+    rx: std::sync::mpsc::Receiver<WriteOp>,
     store: Arc<Mutex<Store>>,
     writable: Arc<AtomicBool>,
     clock: Clock,
     lease_ms: i64,
 ) {
     while let Ok(first) = rx.recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(r) => group.push(r),
-                Err(_) => break,
+        let mut new = Vec::new();
+        let mut done = Vec::new();
+        let mut op = Some(first);
+        while let Some(o) = op.take() {
+            match o {
+                WriteOp::Enqueue(r) => new.push(r),
+                WriteOp::Record { outcome, reply } => done.push((outcome, reply)),
+            }
+            if new.len() + done.len() < MAX_GROUP {
+                op = rx.try_recv().ok();
             }
         }
         let now = clock.now_ms();
-        let jobs: Vec<store::NewJob<'_>> = group
+        let jobs: Vec<store::NewJob<'_>> = new
             .iter()
             .map(|r| store::NewJob {
                 sale_id: &r.sale_id,
@@ -162,20 +181,27 @@ fn group_commit(
                 lease_until: r.attempt_now.then_some(now + lease_ms),
             })
             .collect();
-        let result = lock(&store).enqueue_batch(&jobs);
+        let outcomes: Vec<Outcome> = done.iter().map(|(o, _)| o.clone()).collect();
+        let result = lock(&store).write_batch(&jobs, &outcomes);
         drop(jobs);
         writable.store(result.is_ok(), Ordering::Relaxed);
         match result {
-            Ok(results) => {
-                for (r, one) in group.into_iter().zip(results) {
+            Ok((enqueued, recorded)) => {
+                for (r, one) in new.into_iter().zip(enqueued) {
                     let _ = r.reply.send(one);
+                }
+                for ((_, reply), one) in done.into_iter().zip(recorded) {
+                    let _ = reply.send(one);
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, "outbox commit failed");
                 let msg = e.to_string();
-                for r in group {
+                for r in new {
                     let _ = r.reply.send(Err(StoreError::Task(msg.clone())));
+                }
+                for (_, reply) in done {
+                    let _ = reply.send(Err(StoreError::Task(msg.clone())));
                 }
             }
         }
@@ -215,6 +241,23 @@ impl Db {
     {
         let result = self.call(f).await;
         self.writable.store(result.is_ok(), Ordering::Relaxed);
+        result
+    }
+
+    /// Records an attempt's outcome through the writer thread.
+    async fn record(&self, outcome: Outcome) -> Result<bool, StoreError> {
+        if self.inline {
+            return self.write(move |s| s.record(&outcome)).await;
+        }
+        let stopped = || StoreError::Task("the outbox writer thread has stopped".into());
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let result = match self.writer.send(WriteOp::Record { outcome, reply }) {
+            Ok(()) => answer.await.unwrap_or_else(|_| Err(stopped())),
+            Err(_) => Err(stopped()),
+        };
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "outbox store failed");
+        }
         result
     }
 }
@@ -281,15 +324,15 @@ impl Outbox {
         let held = store.any_held()?;
         let store = Arc::new(Mutex::new(store));
         let writable = Arc::new(AtomicBool::new(true));
-        let (committer, rx) = std::sync::mpsc::channel();
+        let (writer, rx) = std::sync::mpsc::channel();
         {
             let (store, writable) = (store.clone(), writable.clone());
             let lease_ms = cfg.lease.as_millis() as i64;
             std::thread::Builder::new()
-                .name("outbox-commit".into())
-                .spawn(move || group_commit(rx, store, writable, clock, lease_ms))
+                .name("outbox-writer".into())
+                .spawn(move || write_batches(rx, store, writable, clock, lease_ms))
                 .map_err(|e| {
-                    StoreError::Task(format!("cannot start the outbox commit thread: {e}"))
+                    StoreError::Task(format!("cannot start the outbox writer thread: {e}"))
                 })?;
         }
         Ok(Outbox {
@@ -297,7 +340,7 @@ impl Outbox {
                 store,
                 inline: false,
                 writable,
-                committer,
+                writer,
             },
             sender,
             breaker: Mutex::new(Breaker::new(cfg.breaker)),
@@ -458,18 +501,18 @@ impl Outbox {
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.db
-            .committer
-            .send(EnqueueRequest {
+            .writer
+            .send(WriteOp::Enqueue(EnqueueRequest {
                 sale_id,
                 key,
                 payload,
                 attempt_now,
                 reply,
-            })
-            .map_err(|_| StoreError::Task("the outbox commit thread has stopped".into()))?;
+            }))
+            .map_err(|_| StoreError::Task("the outbox writer thread has stopped".into()))?;
         answer.await.unwrap_or_else(|_| {
             Err(StoreError::Task(
-                "the outbox commit thread has stopped".into(),
+                "the outbox writer thread has stopped".into(),
             ))
         })
     }
@@ -510,17 +553,27 @@ impl Outbox {
             Err(e) if !e.service_available() => Signal::Down,
             _ => Signal::Up,
         };
-        let (attempt, recorded) = match result {
+        let (attempt, outcome) = match result {
             Ok(inv) => {
-                let (iid, num) = (inv.invoice_id.clone(), inv.invoice_number.clone());
-                let recorded = self
-                    .db
-                    .write(move |s| s.mark_delivered(id, iid.as_deref(), num.as_deref(), now))
-                    .await;
-                (Attempt::Delivered(inv), recorded)
+                let outcome = Outcome::Delivered {
+                    id,
+                    invoice_id: inv.invoice_id.clone(),
+                    invoice_number: inv.invoice_number.clone(),
+                    now,
+                };
+                (Attempt::Delivered(inv), outcome)
             }
             Err(e) => {
-                let (msg, status) = (e.to_string(), status_code(&e));
+                let (error, status) = (e.to_string(), status_code(&e));
+                let failed = |state, error, next_attempt_at| Outcome::Failed {
+                    id,
+                    claim,
+                    state,
+                    error,
+                    status,
+                    next_attempt_at,
+                    now,
+                };
                 match e.retry() {
                     Retry::Later => {
                         let next = self.cfg.retry.next_attempt_at(
@@ -531,53 +584,31 @@ impl Outbox {
                             fastrand::f64(),
                         );
                         match next {
-                            Some(at) => {
-                                let recorded = self
-                                    .db
-                                    .write(move |s| s.mark_retry(id, claim, &msg, status, at, now))
-                                    .await;
-                                (Attempt::Retrying(e), recorded)
-                            }
+                            Some(at) => (Attempt::Retrying(e), failed(State::Pending, error, at)),
                             None => {
-                                let msg = format!("gave up after {claim} attempts: {msg}");
-                                let m = msg.clone();
-                                let recorded = self
-                                    .db
-                                    .write(move |s| {
-                                        s.mark_stopped(id, claim, State::Dead, &m, status, now)
-                                    })
-                                    .await;
-                                (Attempt::Dead(msg, e.service_available()), recorded)
+                                let msg = format!("gave up after {claim} attempts: {error}");
+                                let outcome = failed(State::Dead, msg.clone(), now);
+                                (Attempt::Dead(msg, e.service_available()), outcome)
                             }
                         }
                     }
                     Retry::Hold => {
-                        let recorded = self
-                            .db
-                            .write(move |s| {
-                                s.mark_stopped(id, claim, State::Held, &msg, status, now)
-                            })
-                            .await;
                         if !self.held.swap(true, Ordering::Relaxed) {
                             tracing::error!(error = %e, "CRM refused the API key: the invoice queue is held until an operator fixes the key and runs `outbox retry --all-held`");
                         }
-                        (Attempt::Held(e), recorded)
+                        (Attempt::Held(e), failed(State::Held, error, now))
                     }
                     Retry::Never => {
-                        let recorded = self
-                            .db
-                            .write(move |s| {
-                                s.mark_stopped(id, claim, State::Dead, &msg, status, now)
-                            })
-                            .await;
+                        let available = e.service_available();
                         (
-                            Attempt::Dead(e.to_string(), e.service_available()),
-                            recorded,
+                            Attempt::Dead(error.clone(), available),
+                            failed(State::Dead, error, now),
                         )
                     }
                 }
             }
         };
+        let recorded = self.db.record(outcome).await;
         if let Ok(false) = recorded {
             // Another claim owns the job now (this attempt outlived its lease, or the job was
             // released at shutdown); that claim's outcome will be recorded instead.

@@ -210,6 +210,115 @@ pub fn path_in(data_dir: &Path) -> PathBuf {
     data_dir.join("outbox.sqlite3")
 }
 
+/// How one delivery attempt ended, as written to its row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The CRM confirmed the invoice. The CRM's word wins over anything that happened to the
+    /// row meanwhile (a lease that ran out, a release at shutdown): only an already delivered
+    /// job is left as it is.
+    Delivered {
+        id: i64,
+        invoice_id: Option<String>,
+        invoice_number: Option<String>,
+        now: i64,
+    },
+    /// A failed attempt, to `state` (`Pending` until `next_attempt_at`, or `Dead`/`Held`).
+    /// `claim` is the job's `total_attempts` when it was claimed: if another claim took the
+    /// job since (the lease ran out), this outcome is stale and ignored.
+    Failed {
+        id: i64,
+        claim: u32,
+        state: State,
+        error: String,
+        status: Option<u16>,
+        next_attempt_at: i64,
+        now: i64,
+    },
+}
+
+/// Inserts one new job, or finds the sale's existing one. A new job is built from what was
+/// inserted rather than read back: the payload does not make a round trip through SQLite.
+fn insert_job(conn: &Connection, j: &NewJob<'_>) -> rusqlite::Result<Enqueued> {
+    let (state, attempts) = match j.lease_until {
+        Some(_) => (State::InFlight, 1),
+        None => (State::Pending, 0),
+    };
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO jobs (sale_id, idempotency_key, payload, state, attempts, total_attempts, \
+             created_at, cycle_started_at, updated_at, next_attempt_at, lease_until) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?6, ?6, ?6, ?7) ON CONFLICT (sale_id) DO NOTHING",
+        )?
+        .execute(params![
+            j.sale_id,
+            j.idempotency_key,
+            j.payload,
+            state.as_str(),
+            attempts,
+            j.now,
+            j.lease_until
+        ])?;
+    if inserted == 1 {
+        return Ok(Enqueued::New(Job {
+            id: conn.last_insert_rowid(),
+            sale_id: j.sale_id.to_string(),
+            idempotency_key: j.idempotency_key.to_string(),
+            payload: j.payload.to_vec(),
+            state,
+            attempts,
+            total_attempts: attempts,
+            created_at: j.now,
+            cycle_started_at: j.now,
+            updated_at: j.now,
+            next_attempt_at: j.now,
+            lease_until: j.lease_until,
+            last_error: None,
+            last_status: None,
+            invoice_id: None,
+            invoice_number: None,
+            delivered_at: None,
+        }));
+    }
+    let job = conn
+        .prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE sale_id = ?1"))?
+        .query_row(params![j.sale_id], job_from_row)?;
+    Ok(Enqueued::Existing(job))
+}
+
+/// Writes one attempt's outcome; `false` when the row had moved on (see [`Outcome`]).
+fn record_outcome(conn: &Connection, outcome: &Outcome) -> rusqlite::Result<bool> {
+    let n = match outcome {
+        Outcome::Delivered {
+            id,
+            invoice_id,
+            invoice_number,
+            now,
+        } => conn
+            .prepare_cached(
+                "UPDATE jobs SET state = 'delivered', invoice_id = ?2, invoice_number = ?3, \
+                 delivered_at = ?4, updated_at = ?4, lease_until = NULL, last_error = NULL \
+                 WHERE id = ?1 AND state != 'delivered'",
+            )?
+            .execute(params![id, invoice_id, invoice_number, now])?,
+        Outcome::Failed {
+            id,
+            claim,
+            state,
+            error,
+            status,
+            next_attempt_at,
+            now,
+        } => conn
+            .prepare_cached(
+                "UPDATE jobs SET state = ?2, last_error = ?3, last_status = ?4, next_attempt_at = ?5, \
+                 updated_at = ?6, lease_until = NULL \
+                 WHERE id = ?1 AND state = 'in_flight' AND total_attempts = ?7",
+            )?
+            .execute(params![id, state.as_str(), error, status, next_attempt_at, now, claim])?,
+    };
+    Ok(n == 1)
+}
+
 impl Store {
     /// Opens (creating if needed) the outbox in `data_dir` and migrates it.
     pub fn open(data_dir: &Path, synchronous_full: bool) -> Result<Store, StoreError> {
@@ -292,59 +401,79 @@ impl Store {
     }
 
     /// Stores several new jobs in one transaction: one fsync for all of them (group commit,
-    /// so concurrent sales do not queue behind each other's disk flush). The commit uses
-    /// `synchronous=FULL` unless the store was opened without it. Each job gets its own result;
-    /// an error of the commit itself fails them all.
+    /// so concurrent sales do not queue behind each other's disk flush). Each job gets its own
+    /// result; an error of the commit itself fails them all.
     pub fn enqueue_batch(
         &mut self,
         jobs: &[NewJob<'_>],
     ) -> Result<Vec<Result<Enqueued, StoreError>>, StoreError> {
+        self.write_batch(jobs, &[]).map(|(enqueued, _)| enqueued)
+    }
+
+    /// One transaction for new jobs and attempt outcomes together, so the writer thread pays
+    /// one commit for everything that queued up while the previous one was flushed. The commit
+    /// uses `synchronous=FULL` when it stores new jobs (unless the store was opened without
+    /// it): in WAL mode that fsync also covers every write before it. A batch of outcomes
+    /// alone commits with `NORMAL`: losing the last outcomes to a power cut only means one
+    /// resend with the same key. Each item gets its own result; an error of the commit itself
+    /// fails them all.
+    #[allow(clippy::type_complexity)]
+    pub fn write_batch(
+        &mut self,
+        jobs: &[NewJob<'_>],
+        outcomes: &[Outcome],
+    ) -> Result<
+        (
+            Vec<Result<Enqueued, StoreError>>,
+            Vec<Result<bool, StoreError>>,
+        ),
+        StoreError,
+    > {
         let path = self.path.clone();
         let err = |source| StoreError::Sqlite {
             path: path.clone(),
             source,
         };
-        if self.durable {
-            self.conn
-                .pragma_update(None, "synchronous", "FULL")
-                .map_err(err)?;
+        let full = self.durable && !jobs.is_empty();
+        if full {
+            self.set_synchronous("FULL").map_err(err)?;
         }
         let result = (|| {
             let tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(err)?;
-            let mut out = Vec::with_capacity(jobs.len());
-            for j in jobs {
-                let (state, attempts) = match j.lease_until {
-                    Some(_) => (State::InFlight, 1),
-                    None => (State::Pending, 0),
-                };
-                let one = tx
-                    .execute(
-                        "INSERT INTO jobs (sale_id, idempotency_key, payload, state, attempts, total_attempts, \
-                         created_at, cycle_started_at, updated_at, next_attempt_at, lease_until) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?6, ?6, ?6, ?7) ON CONFLICT (sale_id) DO NOTHING",
-                        params![j.sale_id, j.idempotency_key, j.payload, state.as_str(), attempts, j.now, j.lease_until],
-                    )
-                    .and_then(|inserted| {
-                        let job = tx.query_row(
-                            &format!("SELECT {COLUMNS} FROM jobs WHERE sale_id = ?1"),
-                            params![j.sale_id],
-                            job_from_row,
-                        )?;
-                        Ok(if inserted == 1 { Enqueued::New(job) } else { Enqueued::Existing(job) })
-                    })
-                    .map_err(err);
-                out.push(one);
-            }
+            let enqueued: Vec<_> = jobs
+                .iter()
+                .map(|j| insert_job(&tx, j).map_err(err))
+                .collect();
+            let recorded: Vec<_> = outcomes
+                .iter()
+                .map(|o| record_outcome(&tx, o).map_err(err))
+                .collect();
             tx.commit().map_err(err)?;
-            Ok(out)
+            Ok((enqueued, recorded))
         })();
-        if self.durable {
-            let _ = self.conn.pragma_update(None, "synchronous", "NORMAL");
+        if full {
+            let _ = self.set_synchronous("NORMAL");
         }
         result
+    }
+
+    /// A cached statement: the batch path runs these thousands of times a second, and parsing
+    /// the pragma each time showed in the profile.
+    fn set_synchronous(&self, level: &str) -> rusqlite::Result<()> {
+        let sql = if level == "FULL" {
+            "PRAGMA synchronous = FULL"
+        } else {
+            "PRAGMA synchronous = NORMAL"
+        };
+        self.conn.prepare_cached(sql)?.execute([]).map(|_| ())
+    }
+
+    /// Records how one attempt ended, in its own transaction (see [`Outcome`]).
+    pub fn record(&mut self, outcome: &Outcome) -> Result<bool, StoreError> {
+        record_outcome(&self.conn, outcome).map_err(|e| self.err(e))
     }
 
     pub fn get(&self, sale_id: &str) -> Result<Option<Job>, StoreError> {
@@ -391,18 +520,15 @@ impl Store {
         };
         let mut jobs = Vec::with_capacity(ids.len());
         for id in ids {
-            tx.execute(
+            tx.prepare_cached(
                 "UPDATE jobs SET state = 'in_flight', lease_until = ?2, attempts = attempts + 1, \
                  total_attempts = total_attempts + 1, updated_at = ?3 WHERE id = ?1",
-                params![id, lease_until, now],
             )
+            .and_then(|mut st| st.execute(params![id, lease_until, now]))
             .map_err(err)?;
             let job = tx
-                .query_row(
-                    &format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"),
-                    params![id],
-                    job_from_row,
-                )
+                .prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))
+                .and_then(|mut st| st.query_row(params![id], job_from_row))
                 .map_err(err)?;
             jobs.push(job);
         }
@@ -410,9 +536,7 @@ impl Store {
         Ok(jobs)
     }
 
-    /// Records a confirmed invoice. The CRM's word wins over anything that happened to the row
-    /// meanwhile (a lease that ran out, a release at shutdown): only an already delivered job is
-    /// left as it is.
+    /// Records a confirmed invoice (see [`Outcome::Delivered`]).
     pub fn mark_delivered(
         &mut self,
         id: i64,
@@ -420,20 +544,15 @@ impl Store {
         invoice_number: Option<&str>,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let n = self
-            .conn
-            .execute(
-                "UPDATE jobs SET state = 'delivered', invoice_id = ?2, invoice_number = ?3, delivered_at = ?4, \
-                 updated_at = ?4, lease_until = NULL, last_error = NULL WHERE id = ?1 AND state != 'delivered'",
-                params![id, invoice_id, invoice_number, now],
-            )
-            .map_err(|e| self.err(e))?;
-        Ok(n == 1)
+        self.record(&Outcome::Delivered {
+            id,
+            invoice_id: invoice_id.map(str::to_string),
+            invoice_number: invoice_number.map(str::to_string),
+            now,
+        })
     }
 
-    /// A failed attempt: back to `pending` until `next_attempt_at`. `claim` is the job's
-    /// `total_attempts` when it was claimed: if another claim took the job since (the lease ran
-    /// out), this outcome is stale and ignored.
+    /// A failed attempt: back to `pending` until `next_attempt_at` (see [`Outcome::Failed`]).
     pub fn mark_retry(
         &mut self,
         id: i64,
@@ -443,15 +562,15 @@ impl Store {
         next_attempt_at: i64,
         now: i64,
     ) -> Result<bool, StoreError> {
-        self.finish(
+        self.record(&Outcome::Failed {
             id,
             claim,
-            State::Pending,
-            error,
+            state: State::Pending,
+            error: error.to_string(),
             status,
             next_attempt_at,
             now,
-        )
+        })
     }
 
     /// A failed attempt that will not be retried by itself (`Dead` or `Held`).
@@ -464,30 +583,15 @@ impl Store {
         status: Option<u16>,
         now: i64,
     ) -> Result<bool, StoreError> {
-        self.finish(id, claim, state, error, status, now, now)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
-        &mut self,
-        id: i64,
-        claim: u32,
-        state: State,
-        error: &str,
-        status: Option<u16>,
-        next_attempt_at: i64,
-        now: i64,
-    ) -> Result<bool, StoreError> {
-        let n = self
-            .conn
-            .execute(
-                "UPDATE jobs SET state = ?2, last_error = ?3, last_status = ?4, next_attempt_at = ?5, \
-                 updated_at = ?6, lease_until = NULL \
-                 WHERE id = ?1 AND state = 'in_flight' AND total_attempts = ?7",
-                params![id, state.as_str(), error, status, next_attempt_at, now, claim],
-            )
-            .map_err(|e| self.err(e))?;
-        Ok(n == 1)
+        self.record(&Outcome::Failed {
+            id,
+            claim,
+            state,
+            error: error.to_string(),
+            status,
+            next_attempt_at: now,
+            now,
+        })
     }
 
     /// Puts in-flight jobs back to `pending` (shutdown, or start-up after a crash), due now.
@@ -691,6 +795,61 @@ mod tests {
         assert_eq!(kinds, ["new", "existing", "new", "existing"]);
         let st = s.stats().unwrap();
         assert_eq!((st.pending, st.in_flight), (1, 2));
+    }
+
+    #[test]
+    fn one_batch_holds_new_jobs_and_outcomes_and_a_new_job_reads_back_as_built() {
+        let (_d, mut s) = store();
+        let Enqueued::New(a) = s.enqueue("A", "ka", b"pa", 1, Some(50)).unwrap() else {
+            panic!("new job expected")
+        };
+        let Enqueued::New(b) = s.enqueue("B", "kb", b"pb", 1, Some(50)).unwrap() else {
+            panic!("new job expected")
+        };
+        let c = NewJob {
+            sale_id: "C",
+            idempotency_key: "kc",
+            payload: b"pc",
+            now: 7,
+            lease_until: Some(60),
+        };
+        let (enqueued, recorded) = s
+            .write_batch(
+                &[c],
+                &[
+                    Outcome::Delivered {
+                        id: a.id,
+                        invoice_id: Some("i".into()),
+                        invoice_number: Some("INV-1".into()),
+                        now: 8,
+                    },
+                    // A stale claim (B's claim is attempt 1): ignored.
+                    Outcome::Failed {
+                        id: b.id,
+                        claim: 9,
+                        state: State::Dead,
+                        error: "late".into(),
+                        status: None,
+                        next_attempt_at: 8,
+                        now: 8,
+                    },
+                ],
+            )
+            .unwrap();
+        let built = match enqueued.into_iter().next().unwrap().unwrap() {
+            Enqueued::New(job) => job,
+            Enqueued::Existing(_) => panic!("C is new"),
+        };
+        assert_eq!(
+            recorded.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
+            [true, false]
+        );
+        // The job handed to the inline attempt is exactly what the row says.
+        let stored = s.get("C").unwrap().unwrap();
+        assert_eq!(format!("{built:?}"), format!("{stored:?}"));
+        assert_eq!(stored.payload, b"pc");
+        assert_eq!(s.get("A").unwrap().unwrap().state, State::Delivered);
+        assert_eq!(s.get("B").unwrap().unwrap().state, State::InFlight);
     }
 
     #[test]
