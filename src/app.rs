@@ -126,6 +126,7 @@ impl Reloader {
         keep!(outbox, "outbox");
         keep!(shutdown_grace, "proxy.shutdown_grace_ms");
         keep!(reload_poll, "proxy.reload_poll_ms");
+        keep!(worker_threads, "proxy.worker_threads");
         keep!(limits, "limits");
         if new.log.format != old.config.log.format {
             report.need_restart.push("log.format");

@@ -150,6 +150,7 @@ struct RawProxy {
     access_log: bool,
     shutdown_grace_ms: u64,
     reload_poll_ms: u64,
+    worker_threads: u64,
 }
 
 impl fmt::Debug for RawProxy {
@@ -171,6 +172,7 @@ impl Default for RawProxy {
             access_log: true,
             shutdown_grace_ms: 10_000,
             reload_poll_ms: 1_000,
+            worker_threads: 0,
         }
     }
 }
@@ -336,6 +338,10 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// How often the config file is checked for changes (`None`: only SIGHUP reloads).
     pub reload_poll: Option<Duration>,
+    /// Threads serving connections; `None`: one per CPU this process may run on. One thread
+    /// means a single-threaded runtime (no work-stealing scheduler), which served ~7-10 % more
+    /// requests per CPU second in the `compare` benchmark on one pinned core.
+    pub worker_threads: Option<usize>,
     /// TLS termination; `None` serves plain HTTP (TLS terminated elsewhere, or none).
     pub tls: Option<TlsConfig>,
     /// What a client may send and hold.
@@ -918,6 +924,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         shutdown_grace: millis("proxy.shutdown_grace_ms", raw.proxy.shutdown_grace_ms)?,
         reload_poll: (raw.proxy.reload_poll_ms > 0)
             .then(|| Duration::from_millis(raw.proxy.reload_poll_ms)),
+        worker_threads: match raw.proxy.worker_threads {
+            0 => None,
+            n @ 1..=1024 => Some(n as usize),
+            n => {
+                return Err(invalid(
+                    "proxy.worker_threads",
+                    format!("{n} is not between 0 (one per CPU) and 1024"),
+                ))
+            }
+        },
         tls,
         limits,
         upstream,
@@ -960,6 +976,13 @@ mod tests {
         assert_eq!(c.outbox.retry, RetryPolicy::default());
         assert!(c.outbox.synchronous_full);
         assert!(c.outbox.lease > c.crm.timeout);
+        assert_eq!(c.worker_threads, None);
+        assert_eq!(
+            parse("[proxy]\nworker_threads = 1\n")
+                .unwrap()
+                .worker_threads,
+            Some(1)
+        );
         assert!(c.admin_token.is_none());
     }
 
@@ -992,6 +1015,7 @@ mod tests {
             ("[crm]\napi_url = \"not a url\"\n", "crm.api_url"),
             ("[crm]\nsync_budget_ms = 0\n", "crm.sync_budget_ms"),
             ("[sales]\nintercept_paths = []\n", "sales.intercept_paths"),
+            ("[proxy]\nworker_threads = 5000\n", "proxy.worker_threads"),
             (
                 "[sales]\nintercept_paths = [\"api/sales\"]\n",
                 "sales.intercept_paths",

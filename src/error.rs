@@ -29,6 +29,9 @@ pub enum ProxyError {
     /// A method this proxy does not tunnel.
     #[error("{0} is not supported by this proxy")]
     MethodNotAllowed(String),
+    /// The request head is larger than `limits.max_header_bytes`.
+    #[error("request head of {0} bytes is larger than the limit of {1} bytes")]
+    HeadTooLarge(usize, usize),
 }
 
 impl ProxyError {
@@ -41,6 +44,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::HeadTooLarge(..) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 

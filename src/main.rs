@@ -155,12 +155,13 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Run => {
-            runtime().and_then(|rt| rt.block_on(run(config.expect("loaded above"), startup)))
+            let config = config.expect("loaded above");
+            runtime(config.worker_threads).and_then(|rt| rt.block_on(run(config, startup)))
         }
         Command::Demo {
             listen,
             admin_listen,
-        } => runtime().and_then(|rt| rt.block_on(demo(listen, admin_listen))),
+        } => runtime(None).and_then(|rt| rt.block_on(demo(listen, admin_listen))),
         Command::Outbox(cmd) => outbox(cmd, &config.expect("loaded above")),
     };
     match result {
@@ -204,8 +205,21 @@ fn init_logging(level: &str, format: LogFormat) -> LogLevelFn {
     })
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// The async runtime: `threads` workers (default: one per CPU this process may use). With one
+/// worker, a single-threaded runtime: no work stealing to pay for (measured in the `compare`
+/// benchmark). SQLite and other blocking work run on their own threads either way.
+fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let threads = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    builder
         .enable_all()
         .thread_name("pos-crm-proxy")
         .build()

@@ -469,7 +469,9 @@ async fn sigterm_lets_a_slow_sale_finish_then_exits_0() {
     std::fs::write(
         &cfg,
         format!(
-            "[proxy]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace_ms = 5000\n\
+            // One worker: the single-threaded runtime's shutdown path (the other binary tests run
+            // one worker per CPU).
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace_ms = 5000\nworker_threads = 1\n\
              [upstream]\nurl = \"{}\"\n[storage]\ndata_dir = {:?}\n",
             pos.url(),
             dir.path().display().to_string()
