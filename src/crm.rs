@@ -121,6 +121,10 @@ impl CrmError {
 pub struct CrmClient {
     http: reqwest::Client,
     endpoint: Option<CrmEndpoint>,
+    /// `{base}/api/external/invoices` and the key header, made once: parsing the URL for every
+    /// invoice showed in the sales profile. `None` when the URL does not parse (the request
+    /// path then reports it as before).
+    invoices: Option<(reqwest::Url, HeaderValue)>,
     timeout: Duration,
     name_ttl: Duration,
     names: Mutex<HashMap<String, (String, Instant)>>,
@@ -155,8 +159,13 @@ impl CrmClient {
             .user_agent(concat!("pos-crm-proxy/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| BuildError(e.to_string()))?;
+        let invoices = cfg.endpoint.as_ref().and_then(|e| {
+            let url = reqwest::Url::parse(&format!("{}/api/external/invoices", e.base_url)).ok()?;
+            Some((url, Self::key_header(e).ok()?))
+        });
         Ok(CrmClient {
             http,
+            invoices,
             endpoint: cfg.endpoint.clone(),
             timeout: cfg.timeout,
             name_ttl: cfg.customer_cache_ttl,
@@ -209,12 +218,19 @@ impl CrmClient {
             .endpoint
             .as_ref()
             .ok_or(Failed(CrmError::NotConfigured))?;
-        let url = format!("{}/api/external/invoices", endpoint.base_url);
+        let (url, key) = match &self.invoices {
+            Some((url, key)) => (url.clone(), key.clone()),
+            None => (
+                reqwest::Url::parse(&format!("{}/api/external/invoices", endpoint.base_url))
+                    .map_err(|e| Failed(CrmError::Other(format!("CRM URL: {e}"))))?,
+                Self::key_header(endpoint)?,
+            ),
+        };
         let request = self
             .http
             .post(url)
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .header("x-api-key", Self::key_header(endpoint)?)
+            .header("x-api-key", key)
             .header(
                 "idempotency-key",
                 HeaderValue::from_str(idempotency_key)

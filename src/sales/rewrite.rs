@@ -88,6 +88,16 @@ pub fn rewrite(
     outcome: Outcome<'_>,
 ) -> Result<Rewritten, RewriteError> {
     let obj = Object::parse_bytes(body)?;
+    rewrite_parsed(&obj, status, outcome)
+}
+
+/// [`rewrite`] of an answer already parsed (the sales route parses it once, to see whether
+/// the sale completed, and splices into that same parse).
+pub fn rewrite_parsed(
+    obj: &Object<'_>,
+    status: StatusCode,
+    outcome: Outcome<'_>,
+) -> Result<Rewritten, RewriteError> {
     let src = obj.source();
     let mut splices: Vec<Splice> = Vec::new();
     let mut appended = String::new();
@@ -183,7 +193,7 @@ pub fn rewrite(
     }
 
     splices.sort_by_key(|s| (s.at.start, s.at.end));
-    let mut out = Vec::with_capacity(body.len() + 256);
+    let mut out = Vec::with_capacity(src.len() + 256);
     let mut pos = 0;
     for s in &splices {
         out.extend_from_slice(&src.as_bytes()[pos..s.at.start]);

@@ -24,7 +24,7 @@ use tower::{Service, ServiceExt};
 use super::future::ResponseFuture;
 use super::layer::SalesContext;
 use super::model::{completed_sale_id, CrmStatus, Sale};
-use super::rewrite::{rewrite, Outcome};
+use super::rewrite::{rewrite_parsed, Outcome};
 use crate::body::{collect_limited, Body, Collected};
 use crate::encoding;
 use crate::error::ProxyError;
@@ -272,10 +272,10 @@ async fn finish_sale(
             }
         },
     };
-    let sale_id = match Object::parse_bytes(&decoded) {
-        Ok(answer) => completed_sale_id(parts.status, &answer),
-        Err(_) => return untouched(parts, raw, None, "not-json"),
+    let Ok(answer) = Object::parse_bytes(&decoded) else {
+        return untouched(parts, raw, None, "not-json");
     };
+    let sale_id = completed_sale_id(parts.status, &answer);
     let Some(sale_id) = sale_id else {
         return untouched(parts, raw, None, "not-completed");
     };
@@ -314,7 +314,7 @@ async fn finish_sale(
             .get_or_create(&OutcomeLabels { outcome: label })
             .inc();
     }
-    let rewritten = match rewrite(&decoded, parts.status, outcome) {
+    let rewritten = match rewrite_parsed(&answer, parts.status, outcome) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "POS answer not rewritten");
