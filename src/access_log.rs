@@ -16,7 +16,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::body::Body;
-use crate::metrics::{Metrics, RequestLabels};
+use crate::metrics::Metrics;
 use crate::sales::SaleNote;
 
 /// Adds the access log (and the request counter) around a service.
@@ -98,13 +98,7 @@ where
             } else {
                 "passthrough"
             };
-            this.metrics
-                .requests
-                .get_or_create(&RequestLabels {
-                    route,
-                    status: resp.status().as_u16(),
-                })
-                .inc();
+            this.metrics.count_request(route, resp.status().as_u16());
         }
         if let (Some((start, method, path)), Ok(resp)) = (this.start.take(), &out) {
             let latency_ms = format_args!("{:.3}", start.elapsed().as_secs_f64() * 1000.0);

@@ -22,7 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use crate::body::Body;
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
-use crate::metrics::{Metrics, OutcomeLabels};
+use crate::metrics::Metrics;
 use crate::server::ConnInfo;
 use crate::tls::{self, TlsError};
 
@@ -189,9 +189,7 @@ impl Upstream {
         };
         self.inner
             .metrics
-            .upstream_duration
-            .get_or_create(&OutcomeLabels { outcome })
-            .observe(started.elapsed().as_secs_f64());
+            .observe_upstream(outcome, started.elapsed().as_secs_f64());
         result
     }
 
