@@ -1475,6 +1475,8 @@ struct Report {
     idle_proxy: IdleResult,
     idle_nginx: IdleResult,
     hang: HangResult,
+    /// p50 ms of sequential sales with a customer over one connection: (nginx, proxy).
+    unloaded: (f64, f64, usize),
     /// Lines of the "Checks" section.
     checks: Vec<String>,
     started: Instant,
@@ -1631,6 +1633,14 @@ fn main() {
         "proxy outbox after the rounds (`/readyz`): `{outbox}`"
     ));
 
+    // The latency a sale with an invoice adds without queueing: one connection, one at a time.
+    eprintln!("unloaded sales ...");
+    let n_seq = if opts.quick { 50 } else { 300 };
+    let _ = sequential_sales(proxy.addr, 10);
+    let (ngx_seq, _) = sequential_sales(ngx.addr, n_seq);
+    let (proxy_seq, _) = sequential_sales(proxy.addr, n_seq);
+    let unloaded = (median(ngx_seq), median(proxy_seq), n_seq);
+
     eprintln!("idle connections ...");
     let idle_proxy = idle_connections(proxy.addr, &|| vec![proxy.pid], IDLE_CONNECTIONS);
     let idle_nginx = idle_connections(ngx.addr, &|| bench.pids(Target::Nginx), IDLE_CONNECTIONS);
@@ -1709,6 +1719,7 @@ fn main() {
         idle_proxy,
         idle_nginx,
         hang,
+        unloaded,
         checks,
         started,
         opts,
@@ -1993,6 +2004,15 @@ fn render(r: &Report) -> String {
                 fmt_us(n.p50_us),
                 fmt_us(p.p50_us - n.p50_us),
                 ok(p.p50_us - n.p50_us <= 1000.0)
+            ));
+            let (ngx_ms, proxy_ms, n_seq) = r.unloaded;
+            goals.push(format!(
+                "| the same, unloaded ({n_seq} sequential sales on one connection): p50 added ≤ 1 ms \
+                 over nginx | {} vs {} (+{}) | {} |",
+                fmt_us(proxy_ms * 1000.0),
+                fmt_us(ngx_ms * 1000.0),
+                fmt_us((proxy_ms - ngx_ms) * 1000.0),
+                ok(proxy_ms - ngx_ms <= 1.0)
             ));
             goals.push(format!(
                 "| sale with customer: req/s ≥ 0.5× passthrough of the same request (nginx) | ×{:.2} | {} |",
