@@ -67,10 +67,6 @@ impl Upstream {
             .enable_http1()
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
-            // Head and (small) body in one buffer, one write: ~4 % more small requests per CPU
-            // second in the `compare` benchmark. Requests to the POS are small; answers, which
-            // can be large, are written vectored by the server side.
-            .http1_writev(false)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             // Below the POS's own keep-alive (5 s) so a socket it is about to close is not reused.
