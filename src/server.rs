@@ -8,7 +8,9 @@
 //! keep-alive connection and a few per cent of throughput in the `compare` benchmark.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -185,7 +187,7 @@ where
 async fn serve_connection<I, S>(
     builder: &HttpBuilders,
     max_head: usize,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
     io: I,
     h2: bool,
     service: S,
@@ -210,30 +212,33 @@ async fn serve_connection<I, S>(
     let io = TokioIo::new(io);
     let result = if h2 {
         let conn = builder.http2.serve_connection(io, hyper_svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => r,
-            _ = shutdown.requested() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        }
+        until_shutdown(conn, shutdown, |c| c.graceful_shutdown()).await
     } else {
         let conn = builder
             .http1
             .serve_connection(io, hyper_svc)
             .with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => r,
-            _ = shutdown.requested() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        }
+        until_shutdown(conn, shutdown, |c| c.graceful_shutdown()).await
     };
     if let Err(e) = result {
         tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Runs a connection to its end; if shutdown comes first, asks it to finish what it is doing
+/// (`graceful`) and waits for that.
+async fn until_shutdown<C: Future>(
+    conn: C,
+    mut shutdown: Shutdown,
+    graceful: fn(Pin<&mut C>),
+) -> C::Output {
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.requested() => {
+            graceful(conn.as_mut());
+            conn.await
+        }
     }
 }
 
