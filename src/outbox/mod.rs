@@ -181,7 +181,7 @@ fn write_batches(
                 lease_until: r.attempt_now.then_some(now + lease_ms),
             })
             .collect();
-        let outcomes: Vec<Outcome> = done.iter().map(|(o, _)| o.clone()).collect();
+        let (outcomes, replies): (Vec<Outcome>, Vec<_>) = done.into_iter().unzip();
         let result = lock(&store).write_batch(&jobs, &outcomes);
         drop(jobs);
         writable.store(result.is_ok(), Ordering::Relaxed);
@@ -190,7 +190,7 @@ fn write_batches(
                 for (r, one) in new.into_iter().zip(enqueued) {
                     let _ = r.reply.send(one);
                 }
-                for ((_, reply), one) in done.into_iter().zip(recorded) {
+                for (reply, one) in replies.into_iter().zip(recorded) {
                     let _ = reply.send(one);
                 }
             }
@@ -200,7 +200,7 @@ fn write_batches(
                 for r in new {
                     let _ = r.reply.send(Err(StoreError::Task(msg.clone())));
                 }
-                for (_, reply) in done {
+                for reply in replies {
                     let _ = reply.send(Err(StoreError::Task(msg.clone())));
                 }
             }
