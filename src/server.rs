@@ -242,10 +242,11 @@ async fn until_shutdown<C: Future>(
     }
 }
 
-/// The size of a request head as sent over HTTP/1: request line and `name: value` lines.
-/// hyper stops reading a head only once its read buffer passes the limit, and that buffer
-/// grows in doubling steps, so a head somewhat over the limit can arrive whole in one read
-/// and parse; this check makes the limit exact.
+/// The size of a request head in canonical HTTP/1 form: request line and `Name: value\r\n`
+/// lines, without the final blank line. hyper stops reading a head only once its read buffer
+/// passes the limit, and that buffer grows in doubling steps, so a head somewhat over the limit
+/// can arrive whole in one read and parse; this check makes the limit hold to within a byte per
+/// line (a client writing `Name:value` or bare LF line ends is counted as if it had not).
 fn head_size<B>(req: &Request<B>) -> usize {
     let uri = req.uri();
     let target = uri.scheme_str().map_or(0, |s| s.len() + 3)

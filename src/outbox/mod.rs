@@ -244,16 +244,22 @@ impl Db {
         result
     }
 
+    /// The writer thread is gone (it panicked): nothing can be written any more, and readiness
+    /// must say so.
+    fn writer_stopped(&self) -> StoreError {
+        self.writable.store(false, Ordering::Relaxed);
+        StoreError::Task("the outbox writer thread has stopped".into())
+    }
+
     /// Records an attempt's outcome through the writer thread.
     async fn record(&self, outcome: Outcome) -> Result<bool, StoreError> {
         if self.inline {
             return self.write(move |s| s.record(&outcome)).await;
         }
-        let stopped = || StoreError::Task("the outbox writer thread has stopped".into());
         let (reply, answer) = tokio::sync::oneshot::channel();
         let result = match self.writer.send(WriteOp::Record { outcome, reply }) {
-            Ok(()) => answer.await.unwrap_or_else(|_| Err(stopped())),
-            Err(_) => Err(stopped()),
+            Ok(()) => answer.await.unwrap_or_else(|_| Err(self.writer_stopped())),
+            Err(_) => Err(self.writer_stopped()),
         };
         if let Err(e) = &result {
             tracing::error!(error = %e, "outbox store failed");
@@ -509,12 +515,10 @@ impl Outbox {
                 attempt_now,
                 reply,
             }))
-            .map_err(|_| StoreError::Task("the outbox writer thread has stopped".into()))?;
-        answer.await.unwrap_or_else(|_| {
-            Err(StoreError::Task(
-                "the outbox writer thread has stopped".into(),
-            ))
-        })
+            .map_err(|_| self.db.writer_stopped())?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(self.db.writer_stopped()))
     }
 
     /// Why an inline attempt should not be made now, and whether the CRM counts as available.
