@@ -35,6 +35,12 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
+/// A connection's place under `limits.max_connections`. The tunnel of an upgraded connection
+/// (WebSocket) outlives the HTTP connection's task, so an upgrade request carries the slot in
+/// its extensions and the tunnel keeps it until it closes.
+#[derive(Debug, Clone)]
+pub struct ConnSlot(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
+
 /// A signal that flips once from "running" to "stopping".
 #[derive(Debug, Clone)]
 pub struct Shutdown(watch::Receiver<bool>);
@@ -118,7 +124,7 @@ where
     let slots = Arc::new(tokio::sync::Semaphore::new(opts.limits.max_connections));
     loop {
         let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            slot = slots.clone().acquire_owned() => ConnSlot(Arc::new(slot.expect("the semaphore is never closed"))),
             _ = shutdown.requested() => break,
         };
         let (stream, peer) = tokio::select! {
@@ -141,20 +147,20 @@ where
             None => {
                 let info = ConnInfo { peer, tls: false };
                 connections.spawn(async move {
-                    serve_connection(&builder, max_head, stop, stream, false, svc, info).await;
-                    drop(slot);
+                    serve_connection(&builder, max_head, stop, stream, false, svc, info, slot)
+                        .await;
                 });
             }
             Some((config, handshake_timeout)) => {
                 let failures = opts.handshake_failures.clone();
                 connections.spawn(async move {
-                    let _slot = slot;
                     let acceptor = tokio_rustls::TlsAcceptor::from(config);
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             let info = ConnInfo { peer, tls: true };
                             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                            serve_connection(&builder, max_head, stop, tls, h2, svc, info).await;
+                            serve_connection(&builder, max_head, stop, tls, h2, svc, info, slot)
+                                .await;
                         }
                         Ok(Err(e)) => {
                             if let Some(f) = failures {
@@ -184,6 +190,7 @@ where
 /// Serves one connection in the protocol chosen at accept; when `shutdown` comes, the
 /// connection finishes the request in progress (HTTP/1) or its open streams (HTTP/2, after a
 /// GOAWAY) and closes.
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection<I, S>(
     builder: &HttpBuilders,
     max_head: usize,
@@ -192,6 +199,7 @@ async fn serve_connection<I, S>(
     h2: bool,
     service: S,
     info: ConnInfo,
+    slot: ConnSlot,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
@@ -207,6 +215,9 @@ async fn serve_connection<I, S>(
         }
         let mut req = req.map(Body::from);
         req.extensions_mut().insert(info);
+        if req.headers().contains_key(http::header::UPGRADE) {
+            req.extensions_mut().insert(slot.clone());
+        }
         Either::Right(service.clone().oneshot(req))
     });
     let io = TokioIo::new(io);

@@ -23,7 +23,7 @@ use crate::body::Body;
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
-use crate::server::ConnInfo;
+use crate::server::{ConnInfo, ConnSlot};
 use crate::tls::{self, TlsError};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -109,6 +109,12 @@ impl Upstream {
             .map_or(self.inner.timeout, |t| t.0);
         let upgrade = wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        // The tunnel keeps the client connection's slot under `limits.max_connections`.
+        let slot = if upgrade {
+            req.extensions_mut().remove::<ConnSlot>()
+        } else {
+            None
+        };
         self.prepare_request(&mut req, upgrade)?;
 
         // A bodiless idempotent request can be sent again if a pooled connection turns out to
@@ -131,7 +137,7 @@ impl Upstream {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+                tokio::spawn(tunnel(client_upgrade, upstream_upgrade, slot));
             }
         } else {
             // hyper does not check the length of an answer without a body (HEAD, 204, 304):
@@ -379,7 +385,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 /// Copies bytes both ways between an upgraded client and upstream connection.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    _slot: Option<ConnSlot>,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(e) => {

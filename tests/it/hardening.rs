@@ -252,3 +252,38 @@ async fn a_stale_content_length_from_the_pos_is_dropped() {
         );
     }
 }
+
+/// An upgraded (WebSocket) connection keeps its connection slot for as long as the tunnel is
+/// open: the connection cap bounds tunnels too.
+#[tokio::test]
+async fn an_open_websocket_tunnel_holds_its_connection_slot() {
+    let up = EchoUpstream::start().await;
+    let proxy =
+        TestProxy::start_with_extra(up.addr, Opts::default(), "[limits]\nmax_connections = 1\n")
+            .await;
+    let mut ws = TcpStream::connect(proxy.addr).await.unwrap();
+    ws.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: pos\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    read_until(&mut ws, "\r\n\r\n").await;
+    ws.write_all(b"ping").await.unwrap();
+    read_until(&mut ws, "echo:ping").await;
+
+    let mut other = TcpStream::connect(proxy.addr).await.unwrap();
+    other
+        .write_all(b"GET /echo/other HTTP/1.1\r\nHost: pos\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let early = tokio::time::timeout(Duration::from_millis(300), other.read(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "a second connection is not served while the tunnel holds the only slot"
+    );
+    drop(ws);
+    let answer = read_until(&mut other, "/echo/other").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
