@@ -1,12 +1,12 @@
 //! Hardening through real sockets: request smuggling and framing attacks, header limits,
 //! slow clients, connection limits.
 
-use std::time::Duration;
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::raw::{read_until, roundtrip, READ_LIMIT};
+use crate::support::raw::{
+    open_websocket, read_until, request_waiting_for_a_slot, roundtrip, READ_LIMIT,
+};
 use crate::support::upstream::EchoUpstream;
 use crate::support::{client, Opts, Stack, TestProxy, SALE_WITH_CUSTOMER};
 
@@ -209,17 +209,7 @@ async fn connections_beyond_the_limit_wait_for_a_free_slot() {
         read_until(&mut s, "/echo/held").await;
         held.push(s);
     }
-    let mut third = TcpStream::connect(proxy.addr).await.unwrap();
-    third
-        .write_all(b"GET /echo/third HTTP/1.1\r\nHost: pos\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = [0u8; 64];
-    let early = tokio::time::timeout(Duration::from_millis(300), third.read(&mut buf)).await;
-    assert!(
-        early.is_err(),
-        "the third connection is not served while two are open"
-    );
+    let mut third = request_waiting_for_a_slot(proxy.addr, "/echo/third").await;
     drop(held.pop());
     let answer = read_until(&mut third, "/echo/third").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
@@ -261,28 +251,12 @@ async fn an_open_websocket_tunnel_holds_its_connection_slot() {
     let proxy =
         TestProxy::start_with_extra(up.addr, Opts::default(), "[limits]\nmax_connections = 1\n")
             .await;
-    let mut ws = TcpStream::connect(proxy.addr).await.unwrap();
-    ws.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: pos\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    read_until(&mut ws, "\r\n\r\n").await;
+    let (mut ws, head) = open_websocket(proxy.addr).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     ws.write_all(b"ping").await.unwrap();
     read_until(&mut ws, "echo:ping").await;
-
-    let mut other = TcpStream::connect(proxy.addr).await.unwrap();
-    other
-        .write_all(b"GET /echo/other HTTP/1.1\r\nHost: pos\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = [0u8; 64];
-    let early = tokio::time::timeout(Duration::from_millis(300), other.read(&mut buf)).await;
-    assert!(
-        early.is_err(),
-        "a second connection is not served while the tunnel holds the only slot"
-    );
+    // The tunnel holds the only slot.
+    let mut other = request_waiting_for_a_slot(proxy.addr, "/echo/other").await;
     drop(ws);
     let answer = read_until(&mut other, "/echo/other").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");

@@ -11,7 +11,9 @@ use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::support::raw::{read_until, roundtrip, OneAnswerPerConnection, RawUpstream, READ_LIMIT};
+use crate::support::raw::{
+    open_websocket, read_until, roundtrip, OneAnswerPerConnection, RawUpstream, READ_LIMIT,
+};
 use crate::support::upstream::{pattern, EchoUpstream};
 use crate::support::{client, Opts, TestProxy, SALE_NO_CUSTOMER};
 
@@ -229,14 +231,7 @@ async fn a_10mb_download_streams_through_without_buffering() {
 async fn websocket_upgrade_is_tunnelled() {
     let up = EchoUpstream::start().await;
     let proxy = TestProxy::start(up.addr, Opts::default()).await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: pos\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let head = read_until(&mut s, "\r\n\r\n").await;
+    let (mut s, head) = open_websocket(proxy.addr).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(
         head.to_ascii_lowercase().contains("upgrade: websocket"),

@@ -23,6 +23,38 @@ pub async fn roundtrip(addr: SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Opens a WebSocket upgrade to `/ws` (the echo upstream tunnels it); returns the stream and
+/// the answer head.
+pub async fn open_websocket(addr: SocketAddr) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: pos\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_until(&mut s, "\r\n\r\n").await;
+    (s, head)
+}
+
+/// Sends `GET {path}` on a new connection and checks it is *not* answered within 300 ms (the
+/// proxy is at its connection cap); the caller frees a slot and reads the answer.
+pub async fn request_waiting_for_a_slot(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: pos\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = [0u8; 64];
+    let early = tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "{path} was served while every connection slot was taken"
+    );
+    s
+}
+
 /// Reads from `s` until `needle` has been seen; returns everything read.
 pub async fn read_until(s: &mut TcpStream, needle: &str) -> String {
     let mut out = Vec::new();
