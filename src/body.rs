@@ -13,6 +13,8 @@ use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::upstream::Lease;
+
 /// Errors of any body in the proxy; boxed because they come from hyper, TLS or our own limits.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -26,10 +28,16 @@ pub enum Body {
     Full(Option<Bytes>),
     /// A streamed body straight from a hyper connection.
     Incoming(Incoming),
+    /// An answer from the POS on a pooled connection, which goes back to the pool once this
+    /// body has been read to its end (dropped earlier, the connection is closed instead).
+    Leased {
+        inner: Incoming,
+        lease: Option<Lease>,
+    },
     /// Bytes already read from `rest` by a size-limited collect, to be sent first.
     Prefixed {
         prefix: Option<Bytes>,
-        rest: Incoming,
+        rest: Box<Body>,
     },
     /// A streamed body that reports when it has been sent in full (or dropped), so the
     /// upstream timeout can start after a slow upload instead of during it.
@@ -47,6 +55,22 @@ impl Body {
             Body::Empty
         } else {
             Body::Full(Some(bytes))
+        }
+    }
+}
+
+impl Body {
+    /// The body of an answer on the leased connection; a body that is already complete (HEAD,
+    /// 204, 304, `Content-Length: 0`) gives the connection back at once.
+    pub fn leased(inner: Incoming, lease: Lease) -> Self {
+        if http_body::Body::is_end_stream(&inner) {
+            lease.release();
+            Body::Incoming(inner)
+        } else {
+            Body::Leased {
+                inner,
+                lease: Some(lease),
+            }
         }
     }
 }
@@ -71,13 +95,23 @@ impl http_body::Body for Body {
             Body::Incoming(incoming) => Pin::new(incoming)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(BoxError::from))),
+            Body::Leased { inner, lease } => {
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                match &polled {
+                    // hyper stops polling a body with a known length after its last byte, so
+                    // the end counts as soon as the length is used up.
+                    Poll::Ready(None) => release(lease),
+                    Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => release(lease),
+                    Poll::Ready(Some(Err(_))) => drop(lease.take()),
+                    _ => {}
+                }
+                polled.map(|f| f.map(|r| r.map_err(BoxError::from)))
+            }
             Body::Prefixed { prefix, rest } => {
                 if let Some(p) = prefix.take() {
                     return Poll::Ready(Some(Ok(Frame::data(p))));
                 }
-                Pin::new(rest)
-                    .poll_frame(cx)
-                    .map(|f| f.map(|r| r.map_err(BoxError::from)))
+                Pin::new(rest.as_mut()).poll_frame(cx)
             }
             Body::Watched { inner, done } => {
                 let polled = Pin::new(inner.as_mut()).poll_frame(cx);
@@ -96,6 +130,7 @@ impl http_body::Body for Body {
             Body::Empty => true,
             Body::Full(bytes) => bytes.is_none(),
             Body::Incoming(incoming) => incoming.is_end_stream(),
+            Body::Leased { inner, .. } => inner.is_end_stream(),
             Body::Prefixed { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
             Body::Watched { inner, .. } => inner.is_end_stream(),
         }
@@ -106,6 +141,7 @@ impl http_body::Body for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Incoming(incoming) => incoming.size_hint(),
+            Body::Leased { inner, .. } => inner.size_hint(),
             Body::Prefixed { prefix, rest } => {
                 let extra = prefix.as_ref().map_or(0, |b| b.len() as u64);
                 let inner = rest.size_hint();
@@ -118,6 +154,13 @@ impl http_body::Body for Body {
             }
             Body::Watched { inner, .. } => inner.size_hint(),
         }
+    }
+}
+
+/// Gives a leased connection back, once.
+fn release(lease: &mut Option<Lease>) {
+    if let Some(lease) = lease.take() {
+        lease.release();
     }
 }
 
@@ -145,24 +188,23 @@ pub async fn collect_limited(body: Body, limit: usize) -> Result<Collected, Read
     if body.size_hint().lower() > limit as u64 {
         return Ok(Collected::TooLarge(body));
     }
-    let mut incoming = match body {
+    let mut streamed = match body {
         Body::Empty => return Ok(Collected::Complete(Bytes::new())),
         Body::Full(bytes) => return Ok(Collected::Complete(bytes.unwrap_or_default())),
         Body::Prefixed { .. } | Body::Watched { .. } => return Ok(Collected::TooLarge(body)),
-        Body::Incoming(incoming) => incoming,
+        Body::Incoming(_) | Body::Leased { .. } => body,
     };
     let mut buf = BytesMut::new();
-    while let Some(frame) = incoming.frame().await {
-        let frame = frame.map_err(|e| ReadError(e.into()))?;
+    while let Some(frame) = streamed.frame().await {
+        let frame = frame.map_err(ReadError)?;
         if let Ok(data) = frame.into_data() {
-            if buf.len() + data.len() > limit {
-                buf.extend_from_slice(&data);
+            buf.extend_from_slice(&data);
+            if buf.len() > limit {
                 return Ok(Collected::TooLarge(Body::Prefixed {
                     prefix: Some(buf.freeze()),
-                    rest: incoming,
+                    rest: Box::new(streamed),
                 }));
             }
-            buf.extend_from_slice(&data);
         }
     }
     Ok(Collected::Complete(buf.freeze()))

@@ -339,6 +339,95 @@ async fn upstream_connections_are_pooled_and_idle_closed_ones_do_not_fail_a_sale
 }
 
 #[tokio::test]
+async fn every_complete_answer_gives_its_pos_connection_back() {
+    let up = EchoUpstream::start().await;
+    let proxy = TestProxy::start(up.addr, Opts::default()).await;
+    let c = client();
+    // one after the other: a sized body, a chunked one in many pieces, then bodiless answers
+    let r = c.get(proxy.url("/echo/a")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["uri"], "/echo/a");
+    let r = c
+        .get(proxy.url("/download?bytes=300000"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().len(), 300_000);
+    let r = c.head(proxy.url("/echo/b")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.unwrap().is_empty());
+    let r = c.get(proxy.url("/status/204")).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    let r = c
+        .post(proxy.url("/echo/c"))
+        .body("hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["body"], "hi");
+    assert_eq!(
+        up.connections_accepted(),
+        1,
+        "each answer, read to its end, handed the POS connection to the next request"
+    );
+}
+
+#[tokio::test]
+async fn a_half_read_answer_is_never_followed_on_its_pos_connection() {
+    let up = EchoUpstream::start().await;
+    let proxy = TestProxy::start(up.addr, Opts::default()).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /download?bytes=1000000&gate=1 HTTP/1.1\r\nHost: pos\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_until(&mut s, "\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // the till goes away with most of the answer unread; the POS then sends the rest
+    drop(s);
+    up.signals.download_gate.notify_one();
+    let c = client();
+    for i in 0..3 {
+        let path = format!("/echo/{i}");
+        let r = c.get(proxy.url(&path)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.json::<Value>().await.unwrap()["uri"], path.as_str());
+    }
+    assert_eq!(
+        up.connections_accepted(),
+        2,
+        "the half-read connection was closed, not reused; the next one was reused"
+    );
+}
+
+#[tokio::test]
+async fn a_pos_connection_idle_beyond_the_pool_timeout_is_not_reused() {
+    let up = EchoUpstream::start().await;
+    let proxy = TestProxy::start(
+        up.addr,
+        Opts {
+            pool_idle_ms: 500,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let c = client();
+    for _ in 0..2 {
+        assert_eq!(
+            c.get(proxy.url("/echo")).send().await.unwrap().status(),
+            200
+        );
+    }
+    assert_eq!(up.connections_accepted(), 1);
+    // longer than the pool keeps an idle connection (the POS would still accept it)
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        c.get(proxy.url("/echo")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(up.connections_accepted(), 2);
+}
+
+#[tokio::test]
 async fn upstream_down_is_502_and_upstream_timeout_is_504() {
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

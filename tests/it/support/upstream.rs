@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ pub struct Signals {
 pub struct EchoUpstream {
     pub addr: SocketAddr,
     pub signals: Arc<Signals>,
+    accepted: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -50,11 +52,14 @@ impl EchoUpstream {
         let addr = listener.local_addr().unwrap();
         let signals = Arc::new(Signals::default());
         let s = signals.clone();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                counter.fetch_add(1, Ordering::SeqCst);
                 let s = s.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| handle(s.clone(), req));
@@ -68,8 +73,14 @@ impl EchoUpstream {
         EchoUpstream {
             addr,
             signals,
+            accepted,
             task,
         }
+    }
+
+    /// How many connections the proxy has opened to this upstream so far.
+    pub fn connections_accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 }
 

@@ -1,7 +1,11 @@
-//! Forwarding to the POS: a pooled hyper client, hop-by-hop header handling, `X-Forwarded-*`,
-//! protocol upgrades (WebSocket), and 502/504 when the POS fails.
+//! Forwarding to the POS: pooled keep-alive connections (`pool`), hop-by-hop header handling,
+//! `X-Forwarded-*`, protocol upgrades (WebSocket), and 502/504 when the POS fails.
 //!
 //! Bodies stream through untouched in both directions; nothing here buffers.
+
+mod pool;
+
+pub use pool::Lease;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -11,15 +15,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 
-use crate::body::Body;
+use crate::body::{Body, BoxError};
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
@@ -43,12 +47,9 @@ pub struct Upstream {
     inner: Arc<Inner>,
 }
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
-
 struct Inner {
-    client: Client<Connector, Body>,
+    pool: Arc<pool::Pool>,
     metrics: Arc<Metrics>,
-    scheme: Scheme,
     authority: Authority,
     timeout: Duration,
 }
@@ -66,22 +67,22 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            // Below the POS's own keep-alive (5 s) so a socket it is about to close is not reused.
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-            // Legacy clients can depend on the exact header spelling; keep it both ways.
-            .http1_preserve_header_case(true)
-            // Only requests that never reached the socket are retried, so a POST is never sent twice.
-            .retry_canceled_requests(true)
-            .build(connector);
+        let target = Uri::builder()
+            .scheme(cfg.scheme.clone())
+            .authority(cfg.authority.clone())
+            .path_and_query("/")
+            .build()
+            .expect("scheme and authority were validated with the config");
+        let pool = pool::Pool::new(
+            connector,
+            target,
+            cfg.pool_max_idle_per_host,
+            cfg.pool_idle_timeout,
+        );
         Ok(Upstream {
             inner: Arc::new(Inner {
-                client,
+                pool,
                 metrics,
-                scheme: cfg.scheme.clone(),
                 authority: cfg.authority.clone(),
                 timeout: cfg.timeout,
             }),
@@ -121,7 +122,7 @@ impl Upstream {
         // be closed; anything with a body, or a POST, never is.
         let replay = (is_idempotent(req.method()) && req.body().is_end_stream() && !upgrade)
             .then(|| copy_head(&req));
-        let mut resp = match self.send(req, timeout).await {
+        let (mut resp, lease) = match self.send(req, timeout).await {
             Err(SendError::Stale(e)) => match replay {
                 Some(again) => {
                     tracing::debug!("pooled upstream connection was closed; sending again");
@@ -129,7 +130,7 @@ impl Upstream {
                         .await
                         .map_err(SendError::into_proxy)?
                 }
-                None => return Err(ProxyError::UpstreamUnavailable(describe(&e))),
+                None => return Err(SendError::Stale(e).into_proxy()),
             },
             other => other.map_err(SendError::into_proxy)?,
         };
@@ -155,7 +156,10 @@ impl Upstream {
                 resp.headers_mut().remove(header::CONTENT_LENGTH);
             }
             strip_hop_by_hop(resp.headers_mut(), false);
+            return Ok(resp.map(|body| Body::leased(body, lease)));
         }
+        // An upgraded connection is the tunnel's now; it never goes back to the pool.
+        drop(lease);
         Ok(resp.map(Body::from))
     }
 
@@ -164,7 +168,7 @@ impl Upstream {
         &self,
         mut req: Request<Body>,
         timeout: Duration,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<(Response<Incoming>, Lease), SendError> {
         let body_sent = if req.body().is_end_stream() {
             None
         } else {
@@ -177,7 +181,7 @@ impl Upstream {
             Some(rx)
         };
         let started = std::time::Instant::now();
-        let sent = self.inner.client.request(req);
+        let sent = self.exchange(req);
         let deadline = async {
             if let Some(rx) = body_sent {
                 let _ = rx.await;
@@ -185,7 +189,7 @@ impl Upstream {
             tokio::time::sleep(timeout).await;
         };
         let result = tokio::select! {
-            result = sent => result.map_err(|e| if is_stale(&e) { SendError::Stale(e) } else { SendError::Failed(e) }),
+            result = sent => result.map(|(resp, conn)| (resp, Lease::new(self.inner.pool.clone(), conn))),
             _ = deadline => Err(SendError::Timeout(timeout)),
         };
         let outcome = match &result {
@@ -199,21 +203,54 @@ impl Upstream {
         result
     }
 
-    /// Rewrites the request for the upstream hop: origin URI of the POS, HTTP/1.1, hop-by-hop
+    /// One request on a pooled connection. A request the connection refused before writing
+    /// anything (the POS had closed a reused socket) goes once more on a new connection: nothing
+    /// of it reached the POS, so even a POST is safe to send.
+    async fn exchange(
+        &self,
+        req: Request<Body>,
+    ) -> Result<(Response<Incoming>, SendRequest<Body>), SendError> {
+        let pool::Checkout { mut conn, reused } = self
+            .inner
+            .pool
+            .checkout()
+            .await
+            .map_err(SendError::Connect)?;
+        let mut failed = match conn.try_send_request(req).await {
+            Ok(resp) => return Ok((resp, conn)),
+            Err(failed) => failed,
+        };
+        match failed.take_message() {
+            Some(req) if reused => {
+                tracing::debug!("pooled upstream connection was closed before use; new one");
+                let mut conn = self
+                    .inner
+                    .pool
+                    .connect()
+                    .await
+                    .map_err(SendError::Connect)?;
+                match conn.try_send_request(req).await {
+                    Ok(resp) => Ok((resp, conn)),
+                    Err(e) => Err(SendError::from_hyper(e.into_error())),
+                }
+            }
+            _ => Err(SendError::from_hyper(failed.into_error())),
+        }
+    }
+
+    /// Rewrites the request for the upstream hop: origin-form target, HTTP/1.1, hop-by-hop
     /// headers removed (upgrade headers kept for an upgrade), `Host` kept, `X-Forwarded-*` set.
     fn prepare_request(&self, req: &mut Request<Body>, upgrade: bool) -> Result<(), ProxyError> {
         let client_authority = req.uri().authority().cloned();
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *req.uri_mut() = Uri::builder()
-            .scheme(self.inner.scheme.clone())
-            .authority(self.inner.authority.clone())
-            .path_and_query(path)
-            .build()
-            .map_err(|e| ProxyError::BadRequest(format!("invalid request target: {e}")))?;
+        // The connection is already to the POS: the request line carries only path and query.
+        if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+            let path = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *req.uri_mut() = Uri::from(path);
+        }
 
         let tls = req.extensions().get::<ConnInfo>().is_some_and(|c| c.tls);
         let peer = req.extensions().get::<ConnInfo>().map(|c| c.peer.ip());
@@ -274,33 +311,34 @@ impl tower::Service<Request<Body>> for Upstream {
 
 /// Why one send failed.
 enum SendError {
-    /// A pooled connection was closed before the answer began.
-    Stale(hyper_util::client::legacy::Error),
-    Failed(hyper_util::client::legacy::Error),
+    /// No connection to the POS could be made.
+    Connect(BoxError),
+    /// The connection was closed before the answer began (the POS had closed a pooled socket).
+    Stale(hyper::Error),
+    Failed(hyper::Error),
     Timeout(Duration),
 }
 
 impl SendError {
+    fn from_hyper(e: hyper::Error) -> SendError {
+        if e.is_incomplete_message() {
+            SendError::Stale(e)
+        } else {
+            SendError::Failed(e)
+        }
+    }
+
     fn into_proxy(self) -> ProxyError {
         match self {
+            SendError::Connect(e) => {
+                ProxyError::UpstreamUnavailable(format!("cannot connect: {}", innermost(&*e)))
+            }
             SendError::Stale(e) | SendError::Failed(e) => {
-                ProxyError::UpstreamUnavailable(describe(&e))
+                ProxyError::UpstreamUnavailable(innermost(&e))
             }
             SendError::Timeout(t) => ProxyError::UpstreamTimeout(t.as_millis()),
         }
     }
-}
-
-/// hyper's "connection closed before message completed": the POS had closed a pooled socket.
-fn is_stale(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            return h.is_incomplete_message();
-        }
-        cur = err.source();
-    }
-    false
 }
 
 fn is_idempotent(method: &Method) -> bool {
@@ -404,17 +442,13 @@ async fn tunnel(
     }
 }
 
-/// A short description of a client error: its innermost cause.
-fn describe(e: &hyper_util::client::legacy::Error) -> String {
-    let mut cur: &dyn std::error::Error = e;
+/// A short description of an error: its innermost cause.
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
     while let Some(next) = cur.source() {
         cur = next;
     }
-    if e.is_connect() {
-        format!("cannot connect: {cur}")
-    } else {
-        cur.to_string()
-    }
+    cur.to_string()
 }
 
 #[cfg(test)]

@@ -1,0 +1,149 @@
+//! Keep-alive connections to the POS, lent out one request at a time.
+//!
+//! Connections are made with hyper's `client::conn::http1` and kept idle newest-first. A
+//! connection comes back when the answer's body has been read to its end: the [`Lease`] rides
+//! inside the response body (`Body::Leased`) and puts the connection back at that moment, which
+//! is exactly when hyper can send the next request on it.
+//!
+//! Why not hyper-util's pooled `Client`: the proxy has one upstream and speaks only HTTP/1 to
+//! it, and that client pays on every request for what a single-origin pool does not need: a
+//! pool key built and hashed, its pool lock taken on checkout and again on return, and a task
+//! spawned per request only to wait until the connection is idle again. The `compare` benchmark
+//! showed the difference (README, "Against nginx").
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use http::Uri;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::client::legacy::connect::HttpConnector;
+use tower::ServiceExt;
+
+use crate::body::{Body, BoxError};
+
+/// Plain TCP, or rustls for an `https://` POS.
+pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// The idle connections to the POS and how to make a new one.
+pub struct Pool {
+    connector: Connector,
+    /// Scheme and authority of the POS: what the connector connects to.
+    target: Uri,
+    /// Newest last; all share one origin, so there is no key.
+    idle: Mutex<VecDeque<Idle>>,
+    max_idle: usize,
+    /// Below the POS's own keep-alive, so a socket it is about to close is not reused.
+    idle_timeout: Duration,
+}
+
+struct Idle {
+    conn: SendRequest<Body>,
+    since: Instant,
+}
+
+/// A connection taken from the pool (or new) for one request.
+pub struct Checkout {
+    pub conn: SendRequest<Body>,
+    /// It carried an earlier request, so the POS may have closed it in the meantime.
+    pub reused: bool,
+}
+
+impl Pool {
+    pub fn new(
+        connector: Connector,
+        target: Uri,
+        max_idle: usize,
+        idle_timeout: Duration,
+    ) -> Arc<Pool> {
+        Arc::new(Pool {
+            connector,
+            target,
+            idle: Mutex::new(VecDeque::new()),
+            max_idle,
+            idle_timeout,
+        })
+    }
+
+    /// The newest idle connection that is still open, or a new one.
+    pub async fn checkout(&self) -> Result<Checkout, BoxError> {
+        while let Some(mut conn) = self.take_idle() {
+            // It came back at the end of its last answer, so it is ready at once unless the
+            // POS has closed it since.
+            if conn.ready().await.is_ok() {
+                return Ok(Checkout { conn, reused: true });
+            }
+        }
+        let conn = self.connect().await?;
+        Ok(Checkout {
+            conn,
+            reused: false,
+        })
+    }
+
+    fn take_idle(&self) -> Option<SendRequest<Body>> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let newest = idle.pop_back()?;
+        if newest.since.elapsed() > self.idle_timeout {
+            // The rest are older still.
+            idle.clear();
+            return None;
+        }
+        Some(newest.conn)
+    }
+
+    /// A new connection; its I/O runs in a task of its own until either side closes it.
+    pub async fn connect(&self) -> Result<SendRequest<Body>, BoxError> {
+        let io = self.connector.clone().oneshot(self.target.clone()).await?;
+        let (conn, driver) = http1::Builder::new()
+            // Legacy clients can depend on the exact header spelling; keep it both ways.
+            .preserve_header_case(true)
+            .handshake(io)
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = driver.with_upgrades().await {
+                tracing::debug!(error = %e, "POS connection ended with an error");
+            }
+        });
+        Ok(conn)
+    }
+
+    fn put(&self, conn: SendRequest<Body>) {
+        if conn.is_closed() || self.max_idle == 0 {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() >= self.max_idle {
+            idle.pop_front();
+        }
+        idle.push_back(Idle {
+            conn,
+            since: Instant::now(),
+        });
+    }
+}
+
+/// A connection lent for one exchange. Given back with [`Lease::release`] once the answer has
+/// been read in full; dropped otherwise (a half-read answer leaves the connection unusable, and
+/// hyper closes it).
+pub struct Lease {
+    pool: Arc<Pool>,
+    conn: SendRequest<Body>,
+}
+
+impl Lease {
+    pub fn new(pool: Arc<Pool>, conn: SendRequest<Body>) -> Lease {
+        Lease { pool, conn }
+    }
+
+    /// The answer has been read to its end: the connection can carry the next request.
+    pub fn release(self) {
+        self.pool.put(self.conn);
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").finish_non_exhaustive()
+    }
+}
