@@ -126,7 +126,9 @@ impl Upstream {
             Err(SendError::Stale(e)) => match replay {
                 Some(again) => {
                     tracing::debug!("pooled upstream connection was closed; sending again");
-                    self.send(again, timeout)
+                    // Boxed, like every rare path here: inline, its future would be part of
+                    // (and enlarge) the future allocated for every request.
+                    Box::pin(self.send(again, timeout))
                         .await
                         .map_err(SendError::into_proxy)?
                 }
@@ -223,18 +225,25 @@ impl Upstream {
         match failed.take_message() {
             Some(req) if reused => {
                 tracing::debug!("pooled upstream connection was closed before use; new one");
-                let mut conn = self
-                    .inner
-                    .pool
-                    .connect()
-                    .await
-                    .map_err(SendError::Connect)?;
-                match conn.try_send_request(req).await {
-                    Ok(resp) => Ok((resp, conn)),
-                    Err(e) => Err(SendError::from_hyper(e.into_error())),
-                }
+                Box::pin(self.send_on_new_connection(req)).await
             }
             _ => Err(SendError::from_hyper(failed.into_error())),
+        }
+    }
+
+    async fn send_on_new_connection(
+        &self,
+        req: Request<Body>,
+    ) -> Result<(Response<Incoming>, SendRequest<Body>), SendError> {
+        let mut conn = self
+            .inner
+            .pool
+            .connect()
+            .await
+            .map_err(SendError::Connect)?;
+        match conn.try_send_request(req).await {
+            Ok(resp) => Ok((resp, conn)),
+            Err(e) => Err(SendError::from_hyper(e.into_error())),
         }
     }
 

@@ -74,7 +74,9 @@ impl Pool {
                 return Ok(Checkout { conn, reused: true });
             }
         }
-        let conn = self.connect().await?;
+        // Boxed: the connector's and the handshake's futures are large, and kept inline they
+        // would make every request's future (allocated and moved per request) that large too.
+        let conn = Box::pin(self.connect()).await?;
         Ok(Checkout {
             conn,
             reused: false,
