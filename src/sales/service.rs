@@ -116,7 +116,7 @@ where
                 limit = ctx.max_request_body,
                 "sale request larger than sales.max_request_body_bytes: forwarded untouched, no invoice"
             );
-            let resp = call(inner, Request::from_parts(parts, body)).await;
+            let resp = Box::pin(call(inner, Request::from_parts(parts, body))).await;
             return noted(resp, None, "skipped-request-too-large");
         }
         Err(e) => {
@@ -136,7 +136,7 @@ where
     let req = Request::from_parts(parts, Body::full(bytes));
 
     // From here on the sale belongs to the POS: finish it even if the client hangs up.
-    let task = tokio::spawn(complete_sale(ctx.clone(), inner, req, sale));
+    let task = spawn_sale(ctx.clone(), inner, req, sale);
     match tokio::time::timeout(ctx.answer_timeout, task).await {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
@@ -156,6 +156,21 @@ where
             )
         }
     }
+}
+
+/// Starts the sale's own task. A plain function, so the sale's future is built here and moved
+/// into the task, never into the state of the caller's future (which would then be as large).
+fn spawn_sale<S>(
+    ctx: Arc<SalesContext>,
+    inner: S,
+    req: Request<Body>,
+    sale: Result<Sale, String>,
+) -> tokio::task::JoinHandle<Response<Body>>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    tokio::spawn(complete_sale(ctx, inner, req, sale))
 }
 
 /// How long a sale task waits for the POS after the till has been answered with a 504.
@@ -292,15 +307,16 @@ async fn finish_sale(
         }
         Ok(sale) => match sale.customer_id.clone() {
             None => None,
+            // Boxed: the invoice's future is large and only sales with a customer need it;
+            // inline, it would enlarge every sale's task.
             Some(customer_id) => Some(
-                ctx.invoicer
-                    .invoice(InvoiceRequest {
-                        sale,
-                        customer_id,
-                        sale_id: sale_id.clone(),
-                        date: utc_date_today(),
-                    })
-                    .await,
+                Box::pin(ctx.invoicer.invoice(InvoiceRequest {
+                    sale,
+                    customer_id,
+                    sale_id: sale_id.clone(),
+                    date: utc_date_today(),
+                }))
+                .await,
             ),
         },
     };
