@@ -13,6 +13,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use http::Uri;
@@ -68,9 +69,10 @@ impl Pool {
     /// The newest idle connection that is still open, or a new one.
     pub async fn checkout(&self) -> Result<Checkout, BoxError> {
         while let Some(mut conn) = self.take_idle() {
-            // It came back at the end of its last answer, so it is ready at once unless the
-            // POS has closed it since.
-            if conn.ready().await.is_ok() {
+            // Only connections ready for a request are put back, so this is ready at once
+            // unless the POS has closed it since; one that is not is dropped, never waited on.
+            let ready = std::future::poll_fn(|cx| Poll::Ready(conn.poll_ready(cx))).await;
+            if matches!(ready, Poll::Ready(Ok(()))) {
                 return Ok(Checkout { conn, reused: true });
             }
         }
@@ -138,9 +140,22 @@ impl Lease {
         Lease { pool, conn }
     }
 
-    /// The answer has been read to its end: the connection can carry the next request.
+    /// The answer has been read to its end: the connection can carry the next request as
+    /// soon as hyper has finished with this one. That is at once, unless the POS answered
+    /// before the request body was sent in full (an early 413, say) and the upload is still
+    /// going: then the connection goes back only once it is ready, so no request ever waits
+    /// behind another's upload; if it closes instead, it is never put back.
     pub fn release(self) {
-        self.pool.put(self.conn);
+        let Lease { pool, mut conn } = self;
+        if conn.is_ready() {
+            pool.put(conn);
+            return;
+        }
+        tokio::spawn(async move {
+            if conn.ready().await.is_ok() {
+                pool.put(conn);
+            }
+        });
     }
 }
 

@@ -400,6 +400,49 @@ async fn a_half_read_answer_is_never_followed_on_its_pos_connection() {
 }
 
 #[tokio::test]
+async fn a_connection_still_sending_an_upload_the_pos_answered_early_is_not_handed_on() {
+    // The POS answers the first request on each connection at once, without reading its body,
+    // then reads on and never answers again on that connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let pos = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let upstream = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                read_until(&mut s, "\r\n\r\n").await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                let mut sink = tokio::io::sink();
+                let _ = tokio::io::copy(&mut s, &mut sink).await;
+            });
+        }
+    });
+    let proxy = TestProxy::start(pos, Opts::default()).await;
+    // a till starts a large upload, gets the early answer, and stalls with the upload unfinished
+    let mut till = TcpStream::connect(proxy.addr).await.unwrap();
+    till.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: pos\r\nContent-Length: 100000\r\n\r\n0123456789",
+    )
+    .await
+    .unwrap();
+    let answer = read_until(&mut till, "ok").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // the next request must not wait for that connection: it gets one of its own
+    let r = tokio::time::timeout(READ_LIMIT, client().get(proxy.url("/next")).send())
+        .await
+        .expect("the next request was held behind the unfinished upload")
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    drop(till);
+    upstream.abort();
+}
+
+#[tokio::test]
 async fn a_pos_connection_idle_beyond_the_pool_timeout_is_not_reused() {
     let up = EchoUpstream::start().await;
     let proxy = TestProxy::start(
