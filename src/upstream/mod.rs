@@ -78,6 +78,7 @@ impl Upstream {
             target,
             cfg.pool_max_idle_per_host,
             cfg.pool_idle_timeout,
+            cfg.connect_timeout,
         );
         Ok(Upstream {
             inner: Arc::new(Inner {

@@ -36,6 +36,11 @@ pub struct Pool {
     max_idle: usize,
     /// Below the POS's own keep-alive, so a socket it is about to close is not reused.
     idle_timeout: Duration,
+    /// For the whole connect, TLS handshake included (the connector's own limit is TCP only).
+    connect_timeout: Duration,
+    /// Whether the task that closes expired idle connections runs (started with the first
+    /// idle connection, so a pool is made outside a runtime too).
+    reaper: std::sync::Once,
 }
 
 struct Idle {
@@ -56,6 +61,7 @@ impl Pool {
         target: Uri,
         max_idle: usize,
         idle_timeout: Duration,
+        connect_timeout: Duration,
     ) -> Arc<Pool> {
         Arc::new(Pool {
             connector,
@@ -63,6 +69,8 @@ impl Pool {
             idle: Mutex::new(VecDeque::new()),
             max_idle,
             idle_timeout,
+            connect_timeout,
+            reaper: std::sync::Once::new(),
         })
     }
 
@@ -98,7 +106,15 @@ impl Pool {
 
     /// A new connection; its I/O runs in a task of its own until either side closes it.
     pub async fn connect(&self) -> Result<SendRequest<Body>, BoxError> {
-        let io = self.connector.clone().oneshot(self.target.clone()).await?;
+        let connecting = self.connector.clone().oneshot(self.target.clone());
+        let io = tokio::time::timeout(self.connect_timeout, connecting)
+            .await
+            .map_err(|_| {
+                format!(
+                    "no connection within {} ms (upstream.connect_timeout_ms)",
+                    self.connect_timeout.as_millis()
+                )
+            })??;
         let (conn, driver) = http1::Builder::new()
             // Legacy clients can depend on the exact header spelling; keep it both ways.
             .preserve_header_case(true)
@@ -112,11 +128,15 @@ impl Pool {
         Ok(conn)
     }
 
-    fn put(&self, conn: SendRequest<Body>) {
+    fn put(self: &Arc<Self>, conn: SendRequest<Body>) {
         if conn.is_closed() || self.max_idle == 0 {
             return;
         }
+        self.reaper.call_once(|| {
+            tokio::spawn(reap(Arc::downgrade(self)));
+        });
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        self.drop_expired(&mut idle);
         if idle.len() >= self.max_idle {
             idle.pop_front();
         }
@@ -124,6 +144,35 @@ impl Pool {
             conn,
             since: Instant::now(),
         });
+    }
+}
+
+impl Pool {
+    /// Drops the idle connections past the timeout (oldest first), which closes them: a POS
+    /// with few connection slots or a long keep-alive must not keep serving idle sockets.
+    fn drop_expired(&self, idle: &mut VecDeque<Idle>) {
+        while idle
+            .front()
+            .is_some_and(|i| i.since.elapsed() > self.idle_timeout)
+        {
+            idle.pop_front();
+        }
+    }
+}
+
+/// Closes expired idle connections while the pool exists (a reload makes a new pool).
+async fn reap(pool: std::sync::Weak<Pool>) {
+    let Some(every) = pool.upgrade().map(|p| p.idle_timeout) else {
+        return;
+    };
+    // Half the timeout: an idle connection is closed at most 1.5 timeouts after its last use.
+    let mut tick = tokio::time::interval((every / 2).max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        pool.drop_expired(&mut idle);
     }
 }
 

@@ -443,6 +443,38 @@ async fn a_connection_still_sending_an_upload_the_pos_answered_early_is_not_hand
 }
 
 #[tokio::test]
+async fn idle_pos_connections_are_closed_by_the_proxy_after_the_pool_timeout() {
+    // The upstream never closes an idle connection itself.
+    let up = EchoUpstream::start().await;
+    let proxy = TestProxy::start(
+        up.addr,
+        Opts {
+            pool_idle_ms: 200,
+            ..Opts::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        client()
+            .get(proxy.url("/echo"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(up.connections_accepted(), 1);
+    let deadline = std::time::Instant::now() + READ_LIMIT;
+    while up.connections_closed() < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle POS connection is still open long after the pool timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
 async fn a_pos_connection_idle_beyond_the_pool_timeout_is_not_reused() {
     let up = EchoUpstream::start().await;
     let proxy = TestProxy::start(
@@ -521,6 +553,45 @@ async fn upstream_down_is_502_and_upstream_timeout_is_504() {
         .await
         .unwrap();
     assert_eq!(r.status(), 504);
+}
+
+#[tokio::test]
+async fn a_pos_that_never_completes_the_tls_handshake_is_a_502_within_the_connect_timeout() {
+    // https:// POS that accepts TCP and then says nothing
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let pos = listener.local_addr().unwrap();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let proxy = TestProxy::start(
+        pos,
+        Opts {
+            upstream_scheme: "https",
+            ..Opts::default()
+        },
+    )
+    .await;
+    // a request with a body: its answer timeout would only start once the body is sent
+    let r = tokio::time::timeout(
+        READ_LIMIT,
+        client().post(proxy.url("/echo")).body("x").send(),
+    )
+    .await
+    .expect("no answer: the TLS handshake to the POS was waited on without a limit")
+    .unwrap();
+    assert_eq!(r.status(), 502);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["details"]
+            .as_str()
+            .unwrap()
+            .contains("connect_timeout_ms"),
+        "{v}"
+    );
+    silent.abort();
 }
 
 #[tokio::test]

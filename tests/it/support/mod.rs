@@ -33,6 +33,8 @@ pub struct Opts {
     pub sync_budget_ms: u64,
     pub crm_timeout_ms: u64,
     pub upstream_timeout_ms: u64,
+    /// `http` unless a test needs an `https://` POS.
+    pub upstream_scheme: &'static str,
     pub pool_idle_ms: u64,
     pub max_request_body: usize,
     pub max_response_body: usize,
@@ -59,6 +61,7 @@ impl Default for Opts {
             sync_budget_ms: 3_000,
             crm_timeout_ms: 3_000,
             upstream_timeout_ms: 10_000,
+            upstream_scheme: "http",
             pool_idle_ms: 4_000,
             max_request_body: 1024 * 1024,
             max_response_body: 8 * 1024 * 1024,
@@ -98,7 +101,7 @@ admin_token = "{token}"
 shutdown_grace_ms = 2000
 reload_poll_ms = {reload_poll}
 [upstream]
-url = "http://{upstream}"
+url = "{scheme}://{upstream}"
 timeout_ms = {upstream_timeout}
 connect_timeout_ms = 1000
 pool_idle_timeout_ms = {pool_idle}
@@ -128,6 +131,7 @@ level = "debug"
 {extra}
 "#,
             upstream_timeout = self.upstream_timeout_ms,
+            scheme = self.upstream_scheme,
             pool_idle = self.pool_idle_ms,
             paths = paths.join(", "),
             max_req = self.max_request_body,

@@ -32,6 +32,7 @@ pub struct EchoUpstream {
     pub addr: SocketAddr,
     pub signals: Arc<Signals>,
     accepted: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -54,6 +55,8 @@ impl EchoUpstream {
         let s = signals.clone();
         let accepted = Arc::new(AtomicUsize::new(0));
         let counter = accepted.clone();
+        let closed = Arc::new(AtomicUsize::new(0));
+        let closed_counter = closed.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -61,12 +64,14 @@ impl EchoUpstream {
                 };
                 counter.fetch_add(1, Ordering::SeqCst);
                 let s = s.clone();
+                let closed = closed_counter.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| handle(s.clone(), req));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
                         .with_upgrades()
                         .await;
+                    closed.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
@@ -74,8 +79,14 @@ impl EchoUpstream {
             addr,
             signals,
             accepted,
+            closed,
             task,
         }
+    }
+
+    /// How many of those connections have ended.
+    pub fn connections_closed(&self) -> usize {
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// How many connections the proxy has opened to this upstream so far.
