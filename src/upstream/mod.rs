@@ -269,10 +269,19 @@ impl Upstream {
         // The proxy answered `Expect: 100-continue` itself (hyper does, when the body is read).
         headers.remove(header::EXPECT);
 
-        if !headers.contains_key(header::HOST) {
-            // HTTP/2 and HTTP/1.0 clients may send no Host: name what they asked for.
-            let host = client_authority.unwrap_or_else(|| self.inner.authority.clone());
-            if let Ok(v) = HeaderValue::from_str(host.as_str()) {
+        if let Some(target) = client_authority {
+            // An absolute-form target (RFC 9112 §3.2.2) or HTTP/2's `:authority` (RFC 9113
+            // §8.3.1) names the host, over any `Host` field; without its user info.
+            let host = match target.port() {
+                Some(port) => format!("{}:{}", target.host(), port.as_str()),
+                None => target.host().to_string(),
+            };
+            if let Ok(v) = HeaderValue::from_str(&host) {
+                headers.insert(header::HOST, v);
+            }
+        } else if !headers.contains_key(header::HOST) {
+            // HTTP/1.0 clients may send no Host: name the POS.
+            if let Ok(v) = HeaderValue::from_str(self.inner.authority.as_str()) {
                 headers.insert(header::HOST, v);
             }
         }

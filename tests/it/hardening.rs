@@ -118,6 +118,17 @@ async fn absolute_form_is_forwarded_by_path_and_connect_is_refused() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     // the request goes to the POS, never to the host named in the URL
     assert!(answer.contains("\"uri\":\"/echo/abs?q=1\""), "{answer}");
+    // the target's authority names the host, over a differing Host field (RFC 9112 §3.2.2)
+    let answer = roundtrip(
+        proxy.addr,
+        b"GET http://user@named.example:8080/echo/h HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        answer.contains("[\"host\",\"named.example:8080\"]"),
+        "{answer}"
+    );
+    assert!(!answer.contains("other.example"), "{answer}");
     let status = status_of(&proxy, b"CONNECT elsewhere.example:443 HTTP/1.1\r\nHost: elsewhere.example:443\r\nConnection: close\r\n\r\n").await;
     assert!(status.starts_with("HTTP/1.1 405"), "{status}");
 }
