@@ -57,9 +57,7 @@ impl Body {
             Body::Full(Some(bytes))
         }
     }
-}
 
-impl Body {
     /// The body of an answer on the leased connection; a body that is already complete (HEAD,
     /// 204, 304, `Content-Length: 0`) gives the connection back at once.
     pub fn leased(inner: Incoming, lease: Lease) -> Self {

@@ -117,7 +117,7 @@ impl Upstream {
         } else {
             None
         };
-        self.prepare_request(&mut req, upgrade)?;
+        self.prepare_request(&mut req, upgrade);
 
         // A bodiless idempotent request can be sent again if a pooled connection turns out to
         // be closed; anything with a body, or a POST, never is.
@@ -250,7 +250,7 @@ impl Upstream {
 
     /// Rewrites the request for the upstream hop: origin-form target, HTTP/1.1, hop-by-hop
     /// headers removed (upgrade headers kept for an upgrade), `Host` kept, `X-Forwarded-*` set.
-    fn prepare_request(&self, req: &mut Request<Body>, upgrade: bool) -> Result<(), ProxyError> {
+    fn prepare_request(&self, req: &mut Request<Body>, upgrade: bool) {
         let client_authority = req.uri().authority().cloned();
         // The connection is already to the POS: the request line carries only path and query.
         if req.uri().scheme().is_some() || req.uri().authority().is_some() {
@@ -309,7 +309,6 @@ impl Upstream {
             headers.insert(X_FORWARDED_HOST.clone(), host);
         }
         *req.version_mut() = Version::HTTP_11;
-        Ok(())
     }
 }
 

@@ -2,14 +2,16 @@
 //!
 //! Connections are made with hyper's `client::conn::http1` and kept idle newest-first. A
 //! connection comes back when the answer's body has been read to its end: the [`Lease`] rides
-//! inside the response body (`Body::Leased`) and puts the connection back at that moment, which
-//! is exactly when hyper can send the next request on it.
+//! inside the response body (`Body::Leased`) and puts the connection back at that moment, or
+//! once hyper is done with the request too (an upload still going after an early answer).
+//! Idle connections past `upstream.pool_idle_timeout_ms` are never reused, and a reaper task
+//! closes them.
 //!
 //! Why not hyper-util's pooled `Client`: the proxy has one upstream and speaks only HTTP/1 to
 //! it, and that client pays on every request for what a single-origin pool does not need: a
 //! pool key built and hashed, its pool lock taken on checkout and again on return, and a task
-//! spawned per request only to wait until the connection is idle again. The `compare` benchmark
-//! showed the difference (README, "Against nginx").
+//! spawned per request only to wait until the connection is idle again (13 % of the proxy's
+//! user-space instructions per request, README "Against nginx").
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -95,13 +97,19 @@ impl Pool {
 
     fn take_idle(&self) -> Option<SendRequest<Body>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let newest = idle.pop_back()?;
-        if newest.since.elapsed() > self.idle_timeout {
-            // The rest are older still.
-            idle.clear();
-            return None;
+        self.drop_expired(&mut idle);
+        idle.pop_back().map(|newest| newest.conn)
+    }
+
+    /// Drops the idle connections past the timeout (oldest first), which closes them: a POS
+    /// with few connection slots or a long keep-alive must not keep serving idle sockets.
+    fn drop_expired(&self, idle: &mut VecDeque<Idle>) {
+        while idle
+            .front()
+            .is_some_and(|i| i.since.elapsed() > self.idle_timeout)
+        {
+            idle.pop_front();
         }
-        Some(newest.conn)
     }
 
     /// A new connection; its I/O runs in a task of its own until either side closes it.
@@ -144,19 +152,6 @@ impl Pool {
             conn,
             since: Instant::now(),
         });
-    }
-}
-
-impl Pool {
-    /// Drops the idle connections past the timeout (oldest first), which closes them: a POS
-    /// with few connection slots or a long keep-alive must not keep serving idle sockets.
-    fn drop_expired(&self, idle: &mut VecDeque<Idle>) {
-        while idle
-            .front()
-            .is_some_and(|i| i.since.elapsed() > self.idle_timeout)
-        {
-            idle.pop_front();
-        }
     }
 }
 
