@@ -29,10 +29,21 @@ use crate::config::Limits;
 use crate::error::ProxyError;
 
 /// Who is on the other end of a connection; put in every request's extensions.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// The peer's IP as `X-Forwarded-For` carries it, rendered once per connection: formatting
+    /// the address for every request was ~4 % of the instructions of a passthrough GET.
+    pub peer_ip: http::HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, tls: bool) -> Self {
+        let peer_ip = http::HeaderValue::try_from(peer.ip().to_string())
+            .expect("an IP address is a valid header value");
+        ConnInfo { peer, tls, peer_ip }
+    }
 }
 
 /// A connection's place under `limits.max_connections`. The tunnel of an upgraded connection
@@ -145,7 +156,7 @@ where
         let stop = shutdown.clone();
         match opts.tls.as_ref().and_then(|tls| tls()) {
             None => {
-                let info = ConnInfo { peer, tls: false };
+                let info = ConnInfo::new(peer, false);
                 connections.spawn(async move {
                     serve_connection(&builder, max_head, stop, stream, false, svc, info, slot)
                         .await;
@@ -157,7 +168,7 @@ where
                     let acceptor = tokio_rustls::TlsAcceptor::from(config);
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
-                            let info = ConnInfo { peer, tls: true };
+                            let info = ConnInfo::new(peer, true);
                             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                             serve_connection(&builder, max_head, stop, tls, h2, svc, info, slot)
                                 .await;
@@ -208,13 +219,14 @@ async fn serve_connection<I, S>(
         + 'static,
     S::Future: Send + 'static,
 {
+    let peer = info.peer;
     let hyper_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let size = head_size(&req);
         if size > max_head {
             return Either::Left(std::future::ready(Ok(head_too_large(size, max_head))));
         }
         let mut req = req.map(Body::from);
-        req.extensions_mut().insert(info);
+        req.extensions_mut().insert(info.clone());
         if req.headers().contains_key(http::header::UPGRADE) {
             req.extensions_mut().insert(slot.clone());
         }
@@ -232,7 +244,7 @@ async fn serve_connection<I, S>(
         until_shutdown(conn, shutdown, |c| c.graceful_shutdown()).await
     };
     if let Err(e) = result {
-        tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 

@@ -262,12 +262,16 @@ impl Upstream {
             *req.uri_mut() = Uri::from(path);
         }
 
-        let tls = req.extensions().get::<ConnInfo>().is_some_and(|c| c.tls);
-        let peer = req.extensions().get::<ConnInfo>().map(|c| c.peer.ip());
+        let (tls, peer) = match req.extensions().get::<ConnInfo>() {
+            Some(c) => (c.tls, Some(c.peer_ip.clone())),
+            None => (false, None),
+        };
         let headers = req.headers_mut();
         strip_hop_by_hop(headers, upgrade);
         // The proxy answered `Expect: 100-continue` itself (hyper does, when the body is read).
-        headers.remove(header::EXPECT);
+        if headers.contains_key(header::EXPECT) {
+            headers.remove(header::EXPECT);
+        }
 
         if let Some(target) = client_authority {
             // An absolute-form target (RFC 9112 §3.2.2) or HTTP/2's `:authority` (RFC 9113
@@ -296,8 +300,13 @@ impl Upstream {
                     }
                 }
             }
-            xff.push_str(&ip.to_string());
-            if let Ok(v) = HeaderValue::from_str(&xff) {
+            let value = if xff.is_empty() {
+                Some(ip)
+            } else {
+                xff.push_str(ip.to_str().unwrap_or_default());
+                HeaderValue::from_str(&xff).ok()
+            };
+            if let Some(v) = value {
                 headers.insert(X_FORWARDED_FOR.clone(), v);
             }
         }
@@ -418,6 +427,11 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// Removes the headers that belong to one connection (RFC 9110 §7.6.1), including any named in
 /// `Connection`. For an upgrade, `Connection: upgrade` and `Upgrade` are kept (and only those).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most requests and answers carry none of these: one look at each name is cheaper than
+    // hashing seven names for removal (that was ~5 % of a passthrough GET's instructions).
+    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = connection_tokens(headers)
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
@@ -438,6 +452,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         headers.remove(header::UPGRADE);
     }
+}
+
+/// A header that always belongs to one connection; any other may be made one by `Connection`,
+/// which is itself one of these.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::UPGRADE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
 }
 
 /// Copies bytes both ways between an upgraded client and upstream connection.
@@ -489,6 +515,29 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_goes_also_alone() {
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(name, "x".parse().unwrap());
+            h.insert("x-kept", "1".parse().unwrap());
+            strip_hop_by_hop(&mut h, false);
+            assert_eq!(
+                h.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+                ["x-kept"],
+                "{name}"
+            );
+        }
     }
 
     #[test]

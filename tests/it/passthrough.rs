@@ -127,6 +127,36 @@ async fn request_line_headers_and_body_are_forwarded_with_forwarding_headers() {
 }
 
 #[tokio::test]
+async fn a_request_without_forwarding_headers_gets_the_client_address_alone() {
+    let up = EchoUpstream::start().await;
+    let proxy = TestProxy::start(up.addr, Opts::default()).await;
+    let c = client();
+    // twice on one connection: the address rendered once per connection serves every request
+    for _ in 0..2 {
+        let v: Value = c
+            .get(proxy.url("/echo/plain"))
+            .header("proxy-connection", "keep-alive")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let headers: Vec<(String, String)> = serde_json::from_value(v["headers"].clone()).unwrap();
+        let all = |n: &str| -> Vec<&str> {
+            headers
+                .iter()
+                .filter(|(k, _)| k == n)
+                .map(|(_, v)| v.as_str())
+                .collect()
+        };
+        assert_eq!(all("x-forwarded-for"), ["127.0.0.1"]);
+        assert_eq!(all("x-forwarded-proto"), ["http"]);
+        assert_eq!(all("proxy-connection"), Vec::<&str>::new(), "hop-by-hop");
+    }
+}
+
+#[tokio::test]
 async fn status_codes_pass_through() {
     let up = EchoUpstream::start().await;
     let proxy = TestProxy::start(up.addr, Opts::default()).await;
