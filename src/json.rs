@@ -40,7 +40,7 @@ impl<'de> Deserialize<'de> for Members<'de> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some((key, value)) = map.next_entry::<Cow<'de, str>, &'de RawValue>()? {
+                while let Some((Text(key), value)) = map.next_entry::<Text<'de>, &'de RawValue>()? {
                     members.push(Member { key, value });
                 }
                 Ok(Members(members))
@@ -107,7 +107,39 @@ pub fn span_in(source: &str, value: &RawValue) -> Range<usize> {
 
 /// The string a raw value holds, if it is a JSON string.
 pub fn as_str(value: &RawValue) -> Option<Cow<'_, str>> {
-    serde_json::from_str::<Cow<'_, str>>(value.get()).ok()
+    serde_json::from_str::<Text<'_>>(value.get())
+        .ok()
+        .map(|t| t.0)
+}
+
+/// A JSON string that borrows from the source unless it has escapes. serde's own
+/// `Cow<str>` always allocates (it deserializes a `String`); keys and string values are read on
+/// every sale, so this saves an allocation and a copy for each.
+struct Text<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                v: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
 /// Why bytes are not a JSON object.
@@ -152,6 +184,21 @@ mod tests {
         let obj = Object::parse(src).unwrap();
         assert_eq!(obj.get("k").unwrap().get(), "2");
         assert_eq!(obj.all("k").count(), 2);
+    }
+
+    #[test]
+    fn strings_borrow_unless_escaped() {
+        let escaped = serde_json::from_str::<&RawValue>(r#""Ren\u00e9 ok""#).unwrap();
+        assert_eq!(as_str(escaped).as_deref(), Some("René ok"));
+        let raw = serde_json::from_str::<&RawValue>(r#""plain""#).unwrap();
+        assert!(matches!(as_str(raw), Some(Cow::Borrowed("plain"))));
+        let obj = Object::parse(r#"{"a\tb":1,"c":2}"#).unwrap();
+        assert!(matches!(&obj.members[1].key, Cow::Borrowed("c")));
+        assert_eq!(obj.members[0].key, "a\tb");
+        for not_a_string in ["1", "null", "[\"a\"]", "{}"] {
+            let raw = serde_json::from_str::<&RawValue>(not_a_string).unwrap();
+            assert!(as_str(raw).is_none(), "{not_a_string}");
+        }
     }
 
     #[test]
