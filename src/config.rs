@@ -287,6 +287,7 @@ struct RawOutbox {
     breaker_open_ms: u64,
     breaker_max_open_ms: u64,
     poll_interval_ms: u64,
+    keep_delivered_days: u32,
 }
 
 impl Default for RawOutbox {
@@ -303,6 +304,7 @@ impl Default for RawOutbox {
             breaker_open_ms: 30_000,
             breaker_max_open_ms: 300_000,
             poll_interval_ms: 1_000,
+            keep_delivered_days: 90,
         }
     }
 }
@@ -832,6 +834,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         lease,
         drain_rate_per_sec: o.drain_rate_per_sec,
         poll_interval: millis("outbox.poll_interval_ms", o.poll_interval_ms)?,
+        keep_delivered: (o.keep_delivered_days > 0)
+            .then(|| Duration::from_secs(u64::from(o.keep_delivered_days) * 86_400)),
     };
     let admin_token = secret_value(
         "proxy.admin_token",
@@ -976,6 +980,12 @@ mod tests {
         assert_eq!(c.outbox.retry, RetryPolicy::default());
         assert!(c.outbox.synchronous_full);
         assert!(c.outbox.lease > c.crm.timeout);
+        assert_eq!(
+            c.outbox.keep_delivered,
+            Some(Duration::from_secs(90 * 86_400))
+        );
+        let forever = parse("[outbox]\nkeep_delivered_days = 0\n").unwrap();
+        assert_eq!(forever.outbox.keep_delivered, None);
         assert_eq!(c.worker_threads, None);
         assert_eq!(
             parse("[proxy]\nworker_threads = 1\n")

@@ -107,6 +107,9 @@ pub struct OutboxConfig {
     pub drain_rate_per_sec: f64,
     /// How often the worker looks for work it was not told about (an operator's replay).
     pub poll_interval: Duration,
+    /// Delivered jobs are deleted this long after their invoice was confirmed; `None` keeps
+    /// them for ever.
+    pub keep_delivered: Option<Duration>,
 }
 
 /// The outbox file is in use by the async runtime: the hot writes (new jobs, attempt outcomes)

@@ -656,6 +656,20 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
+    /// Deletes at most `limit` delivered jobs whose invoice was confirmed before `before`
+    /// (oldest first); returns how many. Only delivered jobs: a job that still needs a delivery
+    /// or an operator is never deleted. The range on `(state, next_attempt_at)` is the index's,
+    /// and a job is delivered after it was due, so nothing older than `before` is missed.
+    pub fn prune_delivered(&mut self, before: i64, limit: usize) -> Result<usize, StoreError> {
+        self.conn
+            .prepare_cached(
+                "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state = 'delivered' \
+                 AND next_attempt_at < ?1 AND delivered_at < ?1 ORDER BY next_attempt_at LIMIT ?2)",
+            )
+            .and_then(|mut st| st.execute(params![before, limit as i64]))
+            .map_err(|e| self.err(e))
+    }
+
     /// An operator's replay of one job in `dead` or `held` (or a pending one, to make it due
     /// now): a fresh retry cycle. Delivered jobs are never replayed.
     pub fn retry(&mut self, sale_id: &str, now: i64) -> Result<Option<Job>, StoreError> {
@@ -1077,6 +1091,37 @@ mod tests {
             "no temporary b-tree per write: {plan:?}"
         );
         assert_eq!(s.next_due().unwrap(), Some(5));
+    }
+
+    #[test]
+    fn only_delivered_jobs_older_than_the_cutoff_are_pruned() {
+        let (_d, mut s) = store();
+        for (i, sale) in ["D1", "D2", "D3", "P", "H", "X"].iter().enumerate() {
+            s.enqueue(sale, sale, b"{}", i as i64 * 10, Some(1_000))
+                .unwrap();
+        }
+        let id = |s: &Store, sale: &str| s.get(sale).unwrap().unwrap().id;
+        for (sale, at) in [("D1", 100), ("D2", 200), ("D3", 300)] {
+            let job = id(&s, sale);
+            assert!(s.mark_delivered(job, Some("i"), Some("n"), at).unwrap());
+        }
+        let h = id(&s, "H");
+        s.mark_stopped(h, 1, State::Held, "401", Some(401), 50)
+            .unwrap();
+        let x = id(&s, "X");
+        s.mark_stopped(x, 1, State::Dead, "400", Some(400), 50)
+            .unwrap();
+        // everything but D3 is older than 250; only the delivered D1 and D2 go, one per call
+        assert_eq!(s.prune_delivered(250, 1).unwrap(), 1);
+        assert!(s.get("D1").unwrap().is_none(), "oldest first");
+        assert_eq!(s.prune_delivered(250, 10).unwrap(), 1);
+        assert_eq!(s.prune_delivered(250, 10).unwrap(), 0);
+        for kept in ["D3", "P", "H", "X"] {
+            assert!(s.get(kept).unwrap().is_some(), "{kept}");
+        }
+        // a pruned sale's id is not reused, and the sale can no longer be found
+        s.enqueue("N", "kn", b"{}", 400, None).unwrap();
+        assert!(id(&s, "N") > id(&s, "X"));
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub enum Blocked {
 
 /// At most this many deliveries per tick, so shutdown and new work are noticed.
 const MAX_PER_TICK: usize = 100;
+/// How often delivered jobs past their keeping time are deleted (and once at start).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// Jobs deleted per transaction.
+const PRUNE_BATCH: usize = 500;
 
 impl Outbox {
     /// Delivers the jobs that are due now, oldest first, paced by `drain_rate_per_sec`.
@@ -102,6 +106,32 @@ impl Outbox {
     }
 
     /// The worker loop; returns on shutdown.
+    /// Deletes the delivered jobs confirmed before `before`, a batch per transaction so the
+    /// writer thread (and the sales waiting on it) never waits long for the file.
+    async fn prune_delivered(&self, before: i64, shutdown: &Shutdown) {
+        let mut total = 0;
+        loop {
+            let Ok(n) = self
+                .db
+                .write(move |s| s.prune_delivered(before, PRUNE_BATCH))
+                .await
+            else {
+                break; // logged by the store; tried again at the next round
+            };
+            total += n;
+            if n < PRUNE_BATCH || shutdown.is_requested() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        if total > 0 {
+            tracing::info!(
+                jobs = total,
+                "delivered jobs past outbox.keep_delivered_days deleted"
+            );
+        }
+    }
+
     pub async fn run_worker(self: Arc<Self>, mut shutdown: Shutdown) {
         let now = self.clock.now_ms();
         match self.db.call(move |s| s.release_in_flight(now, true)).await {
@@ -111,9 +141,18 @@ impl Outbox {
             ),
             _ => {}
         }
+        let mut next_prune = i64::MIN;
         loop {
             if shutdown.is_requested() {
                 return;
+            }
+            if let Some(keep) = self.cfg.keep_delivered {
+                let now = self.clock.now_ms();
+                if now >= next_prune {
+                    self.prune_delivered(now - keep.as_millis() as i64, &shutdown)
+                        .await;
+                    next_prune = now + PRUNE_EVERY.as_millis() as i64;
+                }
             }
             let report = self.tick(&shutdown).await;
             let now = self.clock.now_ms();
@@ -244,6 +283,7 @@ mod tests {
             lease: Duration::from_secs(60),
             drain_rate_per_sec: 10.0,
             poll_interval: Duration::from_secs(1),
+            keep_delivered: None,
         }
     }
 
@@ -363,6 +403,31 @@ mod tests {
             (job.total_attempts, job.invoice_number.as_deref()),
             (4, Some("INV-1"))
         );
+        r.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delivered_jobs_are_deleted_after_their_keeping_time_and_nothing_else_is() {
+        let crm = Scripted::new(vec![status(400, None)]);
+        let mut cfg = config(RetryPolicy::default(), 100);
+        cfg.keep_delivered = Some(Duration::from_secs(24 * 3600));
+        cfg.poll_interval = Duration::from_secs(3600);
+        let r = rig(crm, cfg).await;
+        assert!(!r.sale("BAD").await.invoice_created, "400: dead");
+        assert!(r.sale("OLD").await.invoice_created);
+        tokio::time::sleep(Duration::from_secs(12 * 3600)).await;
+        assert!(r.sale("NEW").await.invoice_created);
+        // OLD is a day old within the next hourly round; NEW is 12 h old then
+        tokio::time::sleep(Duration::from_secs(13 * 3600 + 60)).await;
+        assert!(r.outbox.get("OLD").await.unwrap().is_none(), "pruned");
+        assert_eq!(r.state("NEW").await, State::Delivered);
+        assert_eq!(r.state("BAD").await, State::Dead, "waits for an operator");
+        tokio::time::sleep(Duration::from_secs(12 * 3600)).await;
+        assert!(
+            r.outbox.get("NEW").await.unwrap().is_none(),
+            "pruned in its turn"
+        );
+        assert_eq!(r.state("BAD").await, State::Dead);
         r.stop().await;
     }
 
