@@ -13,7 +13,7 @@ use pos_crm_proxy::demo::sample_crm::{CrmScript, SampleCrm};
 use pos_crm_proxy::demo::sample_pos::{SamplePos, SamplePosOptions};
 use serde_json::Value;
 
-use crate::support::{client, KEY, SALE_NO_CUSTOMER, SALE_WITH_CUSTOMER};
+use crate::support::{client, json_of, KEY, SALE_NO_CUSTOMER, SALE_WITH_CUSTOMER};
 
 const ROUNDS: usize = 6;
 
@@ -157,14 +157,7 @@ async fn sigkill_at_random_moments_loses_no_invoice_and_duplicates_none() {
     let c = client();
     let mut depth = Value::Null;
     for _ in 0..400 {
-        let v: Value = c
-            .get(format!("http://{}/readyz", last.admin))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = json_of(c.get(format!("http://{}/readyz", last.admin))).await;
         depth = v["outbox"]["depth"].clone();
         if depth == 0 {
             break;

@@ -8,7 +8,7 @@ use crate::support::raw::{
     open_websocket, read_until, request_waiting_for_a_slot, roundtrip, READ_LIMIT,
 };
 use crate::support::upstream::EchoUpstream;
-use crate::support::{client, Opts, Stack, TestProxy, SALE_WITH_CUSTOMER};
+use crate::support::{client, json_of, Opts, Stack, TestProxy, SALE_WITH_CUSTOMER};
 
 /// Sends a raw request and returns the status line of the answer (the connection is closed by
 /// the proxy after a framing error, or by `Connection: close`).
@@ -52,15 +52,8 @@ async fn smuggling_and_framing_attacks_get_400_and_never_reach_the_upstream() {
         assert!(status.starts_with("HTTP/1.1 400"), "{name}: {status}");
     }
     // nothing above reached the upstream; a clean request afterwards arrives alone and whole
-    let v: serde_json::Value = client()
-        .post(proxy.url("/echo/clean"))
-        .body("clean body")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value =
+        json_of(client().post(proxy.url("/echo/clean")).body("clean body")).await;
     assert_eq!(v["uri"], "/echo/clean");
     assert_eq!(v["body"], "clean body");
 }

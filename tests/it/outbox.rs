@@ -9,7 +9,7 @@ use pos_crm_proxy::outbox::store::{State, Store};
 use serde_json::Value;
 
 use crate::support::{
-    client, creates_after_success, Opts, Stack, TestProxy, KEY, SALE_WITH_CUSTOMER,
+    client, creates_after_success, json_of, Opts, Stack, TestProxy, KEY, SALE_WITH_CUSTOMER,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -33,14 +33,7 @@ async fn job_state(proxy: &TestProxy, sale_id: &str) -> State {
 async fn drained(proxy: &TestProxy) -> Value {
     let c = client();
     for _ in 0..300 {
-        let v: Value = c
-            .get(proxy.admin_url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = json_of(c.get(proxy.admin_url("/readyz"))).await;
         if v["outbox"]["depth"] == 0 {
             return v;
         }
@@ -161,14 +154,7 @@ async fn a_400_is_dead_at_once_and_replayable_by_an_operator() {
             .status(),
         401
     );
-    let listed: Value = c
-        .get(s.proxy.admin_url("/outbox?state=dead"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = json_of(c.get(s.proxy.admin_url("/outbox?state=dead"))).await;
     assert_eq!(
         listed["jobs"][0]["sale_id"],
         sale_id.as_str(),
@@ -205,14 +191,7 @@ async fn a_401_holds_the_queue_until_the_key_is_fixed_and_the_cli_releases_it() 
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(s.crm.invoice_posts().len(), 1, "held: no attempts burned");
-    let ready: Value = client()
-        .get(s.proxy.admin_url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = json_of(client().get(s.proxy.admin_url("/readyz"))).await;
     assert_eq!(ready["outbox"]["queue_held"], true, "{ready}");
     assert_eq!(ready["outbox"]["held"], 1, "{ready}");
     assert_eq!(ready["outbox"]["depth"], 2, "{ready}");

@@ -15,7 +15,7 @@ use crate::support::raw::{
     open_websocket, read_until, roundtrip, OneAnswerPerConnection, RawUpstream, READ_LIMIT,
 };
 use crate::support::upstream::{pattern, EchoUpstream};
-use crate::support::{client, Opts, TestProxy, SALE_NO_CUSTOMER};
+use crate::support::{client, json_of, Opts, TestProxy, SALE_NO_CUSTOMER};
 
 /// Status, a few headers and the body of one request, for comparing direct and proxied answers.
 async fn snapshot(
@@ -133,15 +133,11 @@ async fn a_request_without_forwarding_headers_gets_the_client_address_alone() {
     let c = client();
     // twice on one connection: the address rendered once per connection serves every request
     for _ in 0..2 {
-        let v: Value = c
-            .get(proxy.url("/echo/plain"))
-            .header("proxy-connection", "keep-alive")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = json_of(
+            c.get(proxy.url("/echo/plain"))
+                .header("proxy-connection", "keep-alive"),
+        )
+        .await;
         let headers: Vec<(String, String)> = serde_json::from_value(v["headers"].clone()).unwrap();
         let all = |n: &str| -> Vec<&str> {
             headers

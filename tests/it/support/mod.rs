@@ -282,6 +282,11 @@ pub async fn post_sale(proxy: &TestProxy, body: &str) -> (u16, serde_json::Value
     (status, json, text)
 }
 
+/// Sends a request and reads its answer as JSON; panics (fails the test) on any error.
+pub async fn json_of(req: reqwest::RequestBuilder) -> serde_json::Value {
+    req.send().await.unwrap().json().await.unwrap()
+}
+
 /// A plain-HTTP reqwest client with a bounded timeout.
 pub fn client() -> reqwest::Client {
     pos_crm_proxy::tls::install_crypto_provider();
