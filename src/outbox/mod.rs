@@ -16,7 +16,7 @@ pub mod worker;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -304,7 +304,9 @@ pub struct Outbox {
     breaker: Mutex<Breaker>,
     cfg: OutboxConfig,
     clock: Clock,
-    held: AtomicBool,
+    /// Bit 0: the queue is held (the CRM refused the key). The bits above count the holds
+    /// made by this process, so a refresh from the file that raced with one cannot undo it.
+    hold: AtomicU64,
     /// Wakes the worker (new work, recovery).
     wake: Notify,
     /// Every delivery attempt, so shutdown can wait for them.
@@ -355,7 +357,7 @@ impl Outbox {
             breaker: Mutex::new(Breaker::new(cfg.breaker)),
             cfg,
             clock,
-            held: AtomicBool::new(held),
+            hold: AtomicU64::new(u64::from(held)),
             wake: Notify::new(),
             tasks: TaskTracker::new(),
             metrics,
@@ -529,7 +531,7 @@ impl Outbox {
         if !self.sender.configured() {
             return Some((CrmError::NotConfigured.to_string(), false));
         }
-        if self.held.load(Ordering::Relaxed) {
+        if self.is_held() {
             // The CRM answers; it refuses our key.
             return Some((
                 "CRM refused the API key; invoices are held until an operator fixes the key and replays them"
@@ -599,12 +601,9 @@ impl Outbox {
                             }
                         }
                     }
-                    Retry::Hold => {
-                        if !self.held.swap(true, Ordering::Relaxed) {
-                            tracing::error!(error = %e, "CRM refused the API key: the invoice queue is held until an operator fixes the key and runs `outbox retry --all-held`");
-                        }
-                        (Attempt::Held(e), failed(State::Held, error, now))
-                    }
+                    // The queue is held once the outcome is on disk (below): the worker's
+                    // refresh from the file must not see "nothing held" after this.
+                    Retry::Hold => (Attempt::Held(e), failed(State::Held, error, now)),
                     Retry::Never => {
                         let available = e.service_available();
                         (
@@ -616,6 +615,11 @@ impl Outbox {
             }
         };
         let recorded = self.db.record(outcome).await;
+        if let Attempt::Held(e) = &attempt {
+            if self.hold() {
+                tracing::error!(error = %e, "CRM refused the API key: the invoice queue is held until an operator fixes the key and runs `outbox retry --all-held`");
+            }
+        }
         if let Ok(false) = recorded {
             // Another claim owns the job now (this attempt outlived its lease, or the job was
             // released at shutdown); that claim's outcome will be recorded instead.
@@ -667,7 +671,7 @@ impl Outbox {
         let now = self.clock.now_ms();
         Health {
             writable: self.db.writable.load(Ordering::Relaxed),
-            queue_held: self.held.load(Ordering::Relaxed),
+            queue_held: self.is_held(),
             circuit: self.breaker().state_name(),
             crm_configured: self.sender.configured(),
             depth: stats.depth(),
@@ -706,10 +710,42 @@ impl Outbox {
         Ok(n)
     }
 
+    fn is_held(&self) -> bool {
+        self.hold.load(Ordering::Acquire) & 1 == 1
+    }
+
+    /// Holds the queue (in memory; the held job is already on disk). True if it was not held.
+    fn hold(&self) -> bool {
+        let before = self
+            .hold
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| Some((h + 2) | 1))
+            .unwrap_or_else(|h| h);
+        before & 1 == 0
+    }
+
+    /// Re-reads from the file whether any job is held: an operator may have released the
+    /// queue from another process. A read that started before this process held the queue
+    /// cannot release it (it could not see the held job yet): the hold count tells.
     async fn refresh_held(&self) -> bool {
-        let held = self.db.call(|s| s.any_held()).await.unwrap_or(false);
-        self.held.store(held, Ordering::Relaxed);
-        held
+        let before = self.hold.load(Ordering::Acquire);
+        if let Ok(in_file) = self.db.call(|s| s.any_held()).await {
+            self.apply_held(in_file, before);
+        }
+        self.is_held()
+    }
+
+    fn apply_held(&self, in_file: bool, before_read: u64) {
+        if in_file {
+            self.hold.fetch_or(1, Ordering::AcqRel);
+        } else {
+            // Fails, and keeps the hold, if the queue was held again since the read began.
+            let _ = self.hold.compare_exchange(
+                before_read,
+                before_read & !1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
     }
 
     /// Waits for running delivery attempts (at most `grace`), then puts whatever is still in

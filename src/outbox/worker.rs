@@ -105,7 +105,6 @@ impl Outbox {
         report
     }
 
-    /// The worker loop; returns on shutdown.
     /// Deletes the delivered jobs confirmed before `before`, a batch per transaction so the
     /// writer thread (and the sales waiting on it) never waits long for the file.
     async fn prune_delivered(&self, before: i64, shutdown: &Shutdown) {
@@ -132,6 +131,7 @@ impl Outbox {
         }
     }
 
+    /// The worker loop; returns on shutdown.
     pub async fn run_worker(self: Arc<Self>, mut shutdown: Shutdown) {
         let now = self.clock.now_ms();
         match self.db.call(move |s| s.release_in_flight(now, true)).await {
@@ -429,6 +429,31 @@ mod tests {
         );
         assert_eq!(r.state("BAD").await, State::Dead);
         r.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_that_raced_with_a_hold_does_not_release_it() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(RetryPolicy::default(), 100);
+        let outbox = open_outbox(&dir, cfg, Scripted::new(vec![]));
+        assert!(!outbox.is_held());
+        // the worker's refresh reads the file before the 401's outcome is committed ...
+        let before = outbox.hold.load(Ordering::Acquire);
+        // ... an attempt records the 401 and holds the queue ...
+        assert!(outbox.hold(), "newly held");
+        // ... and the refresh ends with its stale "nothing held"
+        outbox.apply_held(false, before);
+        assert!(outbox.is_held(), "a stale read does not release the hold");
+        assert!(!outbox.hold(), "already held");
+        // an operator released the queue (the file has nothing held, no hold since the read)
+        let before = outbox.hold.load(Ordering::Acquire);
+        outbox.apply_held(false, before);
+        assert!(!outbox.is_held());
+        // another process's hold, seen in the file
+        let before = outbox.hold.load(Ordering::Acquire);
+        outbox.apply_held(true, before);
+        assert!(outbox.is_held());
     }
 
     #[tokio::test(start_paused = true)]
