@@ -11,10 +11,14 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use serde::Serialize;
 
-/// Versioned migrations; `PRAGMA user_version` records how many have been applied.
-const MIGRATIONS: &[&str] = &[
-    // 1: the first schema.
-    r#"
+/// One step of the schema; `PRAGMA user_version` records how many have been applied. Each
+/// runs in the transaction that also sets `user_version`.
+type Migration = fn(&Connection) -> rusqlite::Result<()>;
+
+const MIGRATIONS: &[Migration] = &[create_jobs, state_check_as_comparisons];
+
+/// 1: the first schema.
+const SCHEMA_V1: &str = r#"
 CREATE TABLE jobs (
     id                INTEGER PRIMARY KEY AUTOINCREMENT,
     sale_id           TEXT    NOT NULL UNIQUE,
@@ -35,41 +39,35 @@ CREATE TABLE jobs (
     delivered_at      INTEGER
 );
 CREATE INDEX jobs_state_due ON jobs (state, next_attempt_at, id);
-"#,
-    // 2: the same table with the state CHECK written as comparisons. SQLite evaluates an
-    // `IN (five constants)` CHECK by building a temporary b-tree on every INSERT and UPDATE of
-    // the row; that was about a tenth of the instructions of a sale with an invoice (callgrind).
-    // The table is rebuilt (SQLite's documented way to change a constraint) and keeps its ids
-    // and AUTOINCREMENT sequence, so no id is ever handed out twice.
-    r#"
-CREATE TABLE jobs_v2 (
-    id                INTEGER PRIMARY KEY AUTOINCREMENT,
-    sale_id           TEXT    NOT NULL UNIQUE,
-    idempotency_key   TEXT    NOT NULL,
-    payload           BLOB    NOT NULL,
-    state             TEXT    NOT NULL CHECK (state = 'pending' OR state = 'in_flight'
-                                  OR state = 'delivered' OR state = 'dead' OR state = 'held'),
-    attempts          INTEGER NOT NULL DEFAULT 0,
-    total_attempts    INTEGER NOT NULL DEFAULT 0,
-    created_at        INTEGER NOT NULL,
-    cycle_started_at  INTEGER NOT NULL,
-    updated_at        INTEGER NOT NULL,
-    next_attempt_at   INTEGER NOT NULL,
-    lease_until       INTEGER,
-    last_error        TEXT,
-    last_status       INTEGER,
-    invoice_id        TEXT,
-    invoice_number    TEXT,
-    delivered_at      INTEGER
-);
-INSERT INTO jobs_v2 SELECT * FROM jobs;
-DELETE FROM sqlite_sequence WHERE name = 'jobs_v2';
-INSERT INTO sqlite_sequence (name, seq) SELECT 'jobs_v2', seq FROM sqlite_sequence WHERE name = 'jobs';
-DROP TABLE jobs;
-ALTER TABLE jobs_v2 RENAME TO jobs;
-CREATE INDEX jobs_state_due ON jobs (state, next_attempt_at, id);
-"#,
-];
+"#;
+
+fn create_jobs(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA_V1)
+}
+
+const STATE_CHECK_V1: &str = "CHECK (state IN ('pending','in_flight','delivered','dead','held'))";
+const STATE_CHECK_V2: &str = "CHECK (state = 'pending' OR state = 'in_flight' \
+     OR state = 'delivered' OR state = 'dead' OR state = 'held')";
+
+/// 2: the state CHECK written as comparisons. SQLite evaluates a CHECK of `IN (five
+/// constants)` by building a temporary b-tree on every insert and update of a row; that was
+/// about a tenth of the instructions of a sale with an invoice (callgrind). The constraint
+/// accepts exactly what it did and the file format does not change, so the table's definition
+/// is edited in place, as SQLite documents for changing a CHECK constraint (`writable_schema`,
+/// then `schema_version` + 1): instant, and no copy of a table that may hold months of sales.
+fn state_check_as_comparisons(conn: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "schema_version", |r| r.get(0))?;
+    conn.pragma_update(None, "writable_schema", true)?;
+    conn.execute(
+        "UPDATE sqlite_schema SET sql = replace(sql, ?1, ?2) WHERE type = 'table' AND name = 'jobs'",
+        params![STATE_CHECK_V1, STATE_CHECK_V2],
+    )?;
+    conn.pragma_update(None, "schema_version", version + 1)?;
+    conn.pragma_update(None, "writable_schema", false)?;
+    // The edited definition is parsed here, inside the transaction: were it unreadable, the
+    // migration would fail and roll back instead of leaving a file SQLite cannot open.
+    conn.prepare("SELECT state FROM jobs LIMIT 0").map(drop)
+}
 
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -378,22 +376,31 @@ impl Store {
             .map_err(err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(err)?;
-        let version: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(err)?;
-        if version > MIGRATIONS.len() as i64 {
+        let version = |c: &Connection| -> rusqlite::Result<i64> {
+            c.pragma_query_value(None, "user_version", |r| r.get(0))
+        };
+        let mut found = version(&conn).map_err(err)?;
+        // One write transaction per step, the version read again inside it: another process
+        // (the CLI, a second proxy) opening the same old file at the same moment waits for
+        // this one and then finds the step done, instead of running it twice or failing.
+        while found < MIGRATIONS.len() as i64 {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(err)?;
+            found = version(&tx).map_err(err)?;
+            if let Some(migrate) = MIGRATIONS.get(found as usize) {
+                migrate(&tx).map_err(err)?;
+                found += 1;
+                tx.pragma_update(None, "user_version", found).map_err(err)?;
+            }
+            tx.commit().map_err(err)?;
+        }
+        if found > MIGRATIONS.len() as i64 {
             return Err(StoreError::TooNew {
                 path,
-                found: version,
+                found,
                 known: MIGRATIONS.len(),
             });
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let tx = conn.transaction().map_err(err)?;
-            tx.execute_batch(sql).map_err(err)?;
-            tx.pragma_update(None, "user_version", (i + 1) as i64)
-                .map_err(err)?;
-            tx.commit().map_err(err)?;
         }
         Ok(Store {
             conn,
@@ -656,10 +663,12 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    /// Deletes at most `limit` delivered jobs whose invoice was confirmed before `before`
-    /// (oldest first); returns how many. Only delivered jobs: a job that still needs a delivery
-    /// or an operator is never deleted. The range on `(state, next_attempt_at)` is the index's,
-    /// and a job is delivered after it was due, so nothing older than `before` is missed.
+    /// Deletes at most `limit` delivered jobs whose invoice was confirmed before `before`;
+    /// returns how many. Only delivered jobs: a job that still needs a delivery or an operator
+    /// is never deleted. The range on `(state, next_attempt_at)` lets the index find them; a
+    /// job is nearly always confirmed after it was due, and the rare exception (the late
+    /// confirmation of an earlier claim, after a retry was scheduled) goes once its retry time
+    /// has passed too, a few hours at most.
     pub fn prune_delivered(&mut self, before: i64, limit: usize) -> Result<usize, StoreError> {
         self.conn
             .prepare_cached(
@@ -1041,11 +1050,15 @@ mod tests {
     }
 
     #[test]
-    fn a_first_version_outbox_is_migrated_with_its_rows_and_sequence() {
+    fn a_first_version_outbox_gets_the_new_check_in_place_with_its_rows() {
         let dir = tempfile::tempdir().unwrap();
-        {
+        let pages = |c: &Connection| -> i64 {
+            c.pragma_query_value(None, "page_count", |r| r.get(0))
+                .unwrap()
+        };
+        let v1_pages = {
             let conn = Connection::open(path_in(dir.path())).unwrap();
-            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            create_jobs(&conn).unwrap();
             conn.pragma_update(None, "user_version", 1).unwrap();
             for (sale, state) in [("S1", "delivered"), ("S2", "held"), ("S3", "pending")] {
                 conn.execute(
@@ -1058,8 +1071,27 @@ mod tests {
             // the newest id was handed out and its row removed by hand: never reuse it
             conn.execute("DELETE FROM jobs WHERE sale_id = 'S3'", [])
                 .unwrap();
-        }
+            pages(&conn)
+        };
         let mut s = Store::open(dir.path(), true).unwrap();
+        assert_eq!(pages(&s.conn), v1_pages, "edited in place, nothing copied");
+        let sql: String = s
+            .conn
+            .query_row(
+                "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'jobs'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(
+            sql.contains(STATE_CHECK_V2) && !sql.contains(" IN "),
+            "{sql}"
+        );
+        let check: String = s
+            .conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok");
         let version: i64 = s
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -1122,6 +1154,36 @@ mod tests {
         // a pruned sale's id is not reused, and the sale can no longer be found
         s.enqueue("N", "kn", b"{}", 400, None).unwrap();
         assert!(id(&s, "N") > id(&s, "X"));
+    }
+
+    #[test]
+    fn two_processes_opening_an_old_outbox_at_once_both_start() {
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let conn = Connection::open(path_in(dir.path())).unwrap();
+                conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+                create_jobs(&conn).unwrap();
+                conn.pragma_update(None, "user_version", 1).unwrap();
+            }
+            let start = std::sync::Barrier::new(2);
+            std::thread::scope(|scope| {
+                let opens: Vec<_> = (0..2)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            start.wait();
+                            Store::open(dir.path(), true).map(|_| ())
+                        })
+                    })
+                    .collect();
+                for open in opens {
+                    open.join().unwrap().unwrap();
+                }
+            });
+            let mut s = Store::open(dir.path(), true).unwrap();
+            s.enqueue("A", "ka", b"{}", 1, None).unwrap();
+            assert_eq!(s.get("A").unwrap().unwrap().id, 1);
+        }
     }
 
     #[test]
