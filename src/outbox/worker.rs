@@ -38,6 +38,9 @@ const MAX_PER_TICK: usize = 100;
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Jobs deleted per transaction.
 const PRUNE_BATCH: usize = 500;
+/// Transactions per round at most, so a large backlog (the first start after an upgrade) does
+/// not hold up deliveries: the rest goes in the next rounds.
+const PRUNE_BATCHES: usize = 100;
 
 impl Outbox {
     /// Delivers the jobs that are due now, oldest first, paced by `drain_rate_per_sec`.
@@ -118,7 +121,7 @@ impl Outbox {
                 break; // logged by the store; tried again at the next round
             };
             total += n;
-            if n < PRUNE_BATCH || shutdown.is_requested() {
+            if n < PRUNE_BATCH || total >= PRUNE_BATCH * PRUNE_BATCHES || shutdown.is_requested() {
                 break;
             }
             tokio::task::yield_now().await;
@@ -429,6 +432,36 @@ mod tests {
         );
         assert_eq!(r.state("BAD").await, State::Dead);
         r.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_larger_than_one_batch_is_deleted_in_one_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = open_outbox(
+            &dir,
+            config(RetryPolicy::default(), 100),
+            Scripted::new(vec![]),
+        );
+        let n = super::PRUNE_BATCH * 2 + 1;
+        {
+            let mut s = super::super::lock(&outbox.db.store);
+            for i in 0..n {
+                let sale = format!("S{i}");
+                s.enqueue(&sale, &sale, b"{}", 10, Some(20)).unwrap();
+                let id = s.get(&sale).unwrap().unwrap().id;
+                assert!(s.mark_delivered(id, None, None, 30).unwrap());
+            }
+            s.enqueue("LATE", "LATE", b"{}", 10, Some(20)).unwrap();
+            let id = s.get("LATE").unwrap().unwrap().id;
+            assert!(s.mark_delivered(id, None, None, 5_000).unwrap());
+        }
+        let (_stop, shutdown) = Shutdown::new();
+        outbox.prune_delivered(1_000, &shutdown).await;
+        let stats = super::super::lock(&outbox.db.store).stats().unwrap();
+        assert_eq!(
+            stats.delivered, 1,
+            "all {n} old ones in one round, not the late one"
+        );
     }
 
     #[tokio::test(start_paused = true)]
