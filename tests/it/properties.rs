@@ -147,7 +147,8 @@ proptest! {
             prop::collection::vec(any::<u8>(), 0..200),
             json_value().prop_map(|v| serde_json::to_vec(&serde_json::json!({
                 "items": [v.clone(), {"id": v.clone(), "price": v.clone(), "quantity": v.clone(), "cost": v.clone(), "name": v.clone()}],
-                "total": v.clone(), "customerId": v.clone(), "customerName": v.clone(), "currency": v.clone(),
+                // a fixed customer: the lines are only read when there is one
+                "total": v.clone(), "customerId": "c", "customerName": v.clone(), "currency": v.clone(),
                 "warehouseId": v.clone(), "paymentMethod": v,
             })).unwrap()),
         ],
