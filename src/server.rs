@@ -40,7 +40,9 @@ pub struct ConnInfo {
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, tls: bool) -> Self {
-        let peer_ip = http::HeaderValue::try_from(peer.ip().to_string())
+        // An IPv4 client of a dual-stack (`[::]`) listener arrives as `::ffff:a.b.c.d`; the POS
+        // gets the address it knows.
+        let peer_ip = http::HeaderValue::try_from(peer.ip().to_canonical().to_string())
             .expect("an IP address is a valid header value");
         ConnInfo { peer, tls, peer_ip }
     }
@@ -297,6 +299,18 @@ fn head_too_large(size: usize, limit: usize) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_forwarded_address_is_the_plain_one() {
+        for (peer, want) in [
+            ("10.0.0.7:5000", "10.0.0.7"),
+            ("[::ffff:10.0.0.7]:5000", "10.0.0.7"),
+            ("[2001:db8::1]:5000", "2001:db8::1"),
+        ] {
+            let info = ConnInfo::new(peer.parse().unwrap(), false);
+            assert_eq!(info.peer_ip, want, "{peer}");
+        }
+    }
 
     #[test]
     fn head_size_counts_the_bytes_of_the_head_as_sent() {
