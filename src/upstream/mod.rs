@@ -269,9 +269,7 @@ impl Upstream {
         let headers = req.headers_mut();
         strip_hop_by_hop(headers, upgrade);
         // The proxy answered `Expect: 100-continue` itself (hyper does, when the body is read).
-        if headers.contains_key(header::EXPECT) {
-            headers.remove(header::EXPECT);
-        }
+        headers.remove(header::EXPECT);
 
         if let Some(target) = client_authority {
             // An absolute-form target (RFC 9112 §3.2.2) or HTTP/2's `:authority` (RFC 9113
